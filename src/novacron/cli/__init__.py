@@ -1,0 +1,1 @@
+"""The ``novacron`` command line (typer + rich)."""
