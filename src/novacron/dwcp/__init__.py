@@ -1,0 +1,1 @@
+"""DWCP v3: the distributed WAN communication protocol (frames, handshake, mode, transport, encoding, ...)."""
