@@ -1,0 +1,130 @@
+"""The VM spec: what a VM is made of, validated before anything touches QEMU.
+
+Every rejection names the field and the reason (:func:`parse_spec` turns pydantic's report into a
+:class:`SpecError`). Host limits come from :func:`detect_host_limits` unless the caller passes other
+limits in the validation context (``VMSpec.model_validate(data, context={"limits": ...})``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from novacron.hypervisor.errors import SpecError
+from novacron.hypervisor.host import MIN_VM_MEMORY_MIB, HostLimits, detect_host_limits
+
+NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
+MACHINE_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+MAX_CMDLINE_BYTES = 2048  # x86 boot protocol limit is 2048 including the terminator
+MAX_VCPUS = 64
+
+Accel = Literal["auto", "kvm", "tcg"]
+
+
+def _limits(info: ValidationInfo) -> HostLimits:
+    ctx = info.context or {}
+    limits = ctx.get("limits")
+    return limits if isinstance(limits, HostLimits) else detect_host_limits()
+
+
+def _existing_file(value: Path | None, what: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise ValueError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"{what} {path} is not a regular file")
+    return path.resolve()
+
+
+class VMSpec(BaseModel):
+    """A VM definition. Paths are resolved to absolute paths when validated."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="lowercase letters, digits and '-', 1-63 chars")
+    vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
+    memory_mib: int = Field(default=256, ge=MIN_VM_MEMORY_MIB)
+    kernel: Path | None = None
+    initrd: Path | None = None
+    cmdline: str = Field(default="", max_length=MAX_CMDLINE_BYTES - 1)
+    disk: Path | None = None
+    machine: str = Field(default="pc", pattern=MACHINE_PATTERN)
+    accel: Accel = "auto"
+    cpu_model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+    @field_validator("vcpus")
+    @classmethod
+    def _vcpus_within_host(cls, value: int, info: ValidationInfo) -> int:
+        limit = _limits(info).cpus
+        if value > limit:
+            raise ValueError(f"{value} vCPUs exceed the host's {limit} CPUs")
+        return value
+
+    @field_validator("memory_mib")
+    @classmethod
+    def _memory_within_host(cls, value: int, info: ValidationInfo) -> int:
+        limit = _limits(info).max_vm_memory_mib
+        if value > limit:
+            raise ValueError(f"{value} MiB exceed the host limit of {limit} MiB")
+        return value
+
+    @field_validator("kernel")
+    @classmethod
+    def _kernel_exists(cls, value: Path | None) -> Path | None:
+        return _existing_file(value, "kernel")
+
+    @field_validator("initrd")
+    @classmethod
+    def _initrd_exists(cls, value: Path | None) -> Path | None:
+        return _existing_file(value, "initrd")
+
+    @field_validator("disk")
+    @classmethod
+    def _disk_exists(cls, value: Path | None) -> Path | None:
+        return _existing_file(value, "disk image")
+
+    @field_validator("cmdline")
+    @classmethod
+    def _cmdline_printable(cls, value: str) -> str:
+        if not re.fullmatch(r"[\x20-\x7e]*", value):
+            raise ValueError("kernel command line must be printable ASCII on one line")
+        return value
+
+    @model_validator(mode="after")
+    def _bootable(self) -> VMSpec:
+        if self.kernel is None and self.disk is None:
+            raise ValueError("a VM needs a kernel or a disk image to boot from")
+        if self.kernel is None and (self.initrd is not None or self.cmdline):
+            raise ValueError("initrd and cmdline need a kernel")
+        return self
+
+
+def _describe(error: Any) -> tuple[str, str]:
+    loc = ".".join(str(p) for p in error.get("loc", ())) or "spec"
+    msg = str(error.get("msg", "invalid"))
+    return loc, msg.removeprefix("Value error, ")
+
+
+def parse_spec(data: dict[str, Any], limits: HostLimits | None = None) -> VMSpec:
+    """Validate ``data`` into a VMSpec; a SpecError names the (first) bad field and why."""
+    try:
+        context = {"limits": limits} if limits is not None else None
+        return VMSpec.model_validate(data, context=context)
+    except ValidationError as exc:
+        problems = [_describe(e) for e in exc.errors()]
+        field, reason = problems[0]
+        text = "; ".join(f"{f}: {r}" for f, r in problems)
+        raise SpecError(f"invalid VM spec: {text}", field=field, reason=reason, vm=data.get("name")) from None
