@@ -1,10 +1,21 @@
-"""The list of command groups. Add one line per group module."""
+"""The list of command groups. Add one line per group module (the module defines ``app``)."""
 
 from __future__ import annotations
+
+import importlib
 
 import typer
 
 
+def _load(module: str) -> typer.Typer:
+    app = importlib.import_module(module).app
+    if not isinstance(app, typer.Typer):
+        raise TypeError(f"{module}.app is not a typer.Typer")
+    return app
+
+
 def all_groups() -> list[tuple[str, typer.Typer, str]]:
     groups: list[tuple[str, typer.Typer, str]] = []
+    groups.append(("vm", _load("novacron.cli.vm"), "Create, run and inspect VMs on this host."))
+    groups.append(("image", _load("novacron.cli.image"), "Build and inspect the test guest image."))
     return groups

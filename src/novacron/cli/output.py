@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 from rich.console import Console
+from rich.text import Text
 
 from novacron.errors import NovacronError, UserError
 
@@ -31,7 +32,8 @@ def emit_json(obj: Any) -> None:
 
 
 def fail(message: str, code: int = EXIT_FAILURE) -> NoReturn:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    # The message is plain text (it may contain brackets, e.g. a regex): no rich markup in it.
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
     raise SystemExit(code)
 
 

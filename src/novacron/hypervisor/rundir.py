@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from novacron.hypervisor.spec import VMSpec
+from novacron.hypervisor.spec import VMSpec, parse_spec
 
 # Unix socket paths are limited to 107 bytes; run directories must stay short.
 MAX_SOCKET_PATH = 107
@@ -76,9 +76,8 @@ class RunDir:
         return self.spec_file.is_file()
 
     def read_spec(self) -> VMSpec:
-        # Re-validated without host checks failing a VM that was valid when defined: paths must still
-        # exist (QEMU needs them) but limits were checked at define time.
-        return VMSpec.model_validate_json(self.spec_file.read_bytes())
+        # Re-validated on every use: the files it names (kernel, initrd) must still exist for QEMU.
+        return parse_spec(json.loads(self.spec_file.read_text()))
 
     def write_spec(self, spec: VMSpec) -> None:
         _atomic_write(self.spec_file, spec.model_dump_json(indent=2) + "\n")

@@ -54,7 +54,7 @@ class VMSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(pattern=NAME_PATTERN, description="lowercase letters, digits and '-', 1-63 chars")
+    name: str = Field(description="lowercase letters, digits and '-', starting with a letter, 1-63 chars")
     vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS)
     memory_mib: int = Field(default=256, ge=MIN_VM_MEMORY_MIB)
     kernel: Path | None = None
@@ -64,6 +64,16 @@ class VMSpec(BaseModel):
     machine: str = Field(default="pc", pattern=MACHINE_PATTERN)
     accel: Accel = "auto"
     cpu_model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+    @field_validator("name")
+    @classmethod
+    def _name_pattern(cls, value: str) -> str:
+        if not re.match(NAME_PATTERN, value):
+            raise ValueError(
+                f"{value!r} is not a valid name: use 1-63 lowercase letters, digits and '-', "
+                "starting with a letter"
+            )
+        return value
 
     @field_validator("vcpus")
     @classmethod
@@ -126,5 +136,7 @@ def parse_spec(data: dict[str, Any], limits: HostLimits | None = None) -> VMSpec
     except ValidationError as exc:
         problems = [_describe(e) for e in exc.errors()]
         field, reason = problems[0]
-        text = "; ".join(f"{f}: {r}" for f, r in problems)
-        raise SpecError(f"invalid VM spec: {text}", field=field, reason=reason, vm=data.get("name")) from None
+        others = "; ".join(f"{f}: {r}" for f, r in problems[1:])
+        raise SpecError(
+            f"invalid VM spec: {field}: {reason}", field=field, vm=data.get("name"), also=others or None
+        ) from None

@@ -3,8 +3,8 @@
 Artefacts live in ``cache_dir()/images/<profile>-<content hash>/`` (vmlinuz, initrd.zst,
 manifest.json). The content hash covers every input (profile, kernel package version, busybox,
 gcc, the guest sources, the corpus file list with sizes and mtimes), so an unchanged build is reused
-and any change rebuilds. ``<profile>.current`` names the directory :func:`find_image` returns; older
-builds of the profile are removed, so the cache holds one image per profile.
+and any change rebuilds. ``<profile>.current`` names the directory :func:`find_image` returns; builds
+older than the previous one are removed, so the cache holds at most two images per profile.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ BUILDER_VERSION = "1"
 BUSYBOX = Path("/bin/busybox")
 ZSTD_LEVEL = 3  # decompression speed (what boot time sees) barely depends on the level
 GCC_TIMEOUT_S = 120.0
+KEEP_PREVIOUS_BUILDS = 1
 GUEST_SOURCES = ("init", "workload.c", "acpi/PWRF/00000080")
 
 Progress = Callable[[str, int, int], None]
@@ -258,9 +259,15 @@ def build_image(
         if image is None:
             image = _build_into(final, inputs, digest, progress)
         _pointer(profile).write_text(final.name + "\n")
-        for old in images_dir().glob(f"{profile}-*"):
-            if old.is_dir() and old != final:
-                shutil.rmtree(old, ignore_errors=True)
+        # Keep the previous build too: VMs defined from it (and migration destinations, which need
+        # the same kernel and initrd files) keep working until the next rebuild.
+        older = sorted(
+            (p for p in images_dir().glob(f"{profile}-*") if p.is_dir() and p != final),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for old in older[KEEP_PREVIOUS_BUILDS:]:
+            shutil.rmtree(old, ignore_errors=True)
         progress("done", 1, 1)
         return image
 
