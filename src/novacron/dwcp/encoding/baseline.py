@@ -1,0 +1,345 @@
+"""The receiver's baseline store: pages it already holds from earlier migrations and sibling VMs.
+
+Layout of a store directory (one store per host):
+
+* ``pages.dat`` - 4 KiB records, append-only, deduplicated by content (record number = position);
+* ``tags.dat``  - the keyed 16-byte tag of every record, same order;
+* ``fps.dat``   - the 64-bit fingerprint of every record, same order (to rebuild the index on open);
+* ``copies/<hex(vm)>.npz`` - per VM, per RAM block: sorted page indices and their record numbers
+  ("this VM's memory as it left this host"); zero pages are not stored.
+
+In memory it keeps only numpy arrays: the sorted fingerprints with their record numbers (12 bytes per
+record) and the copy maps (8 bytes per address), about 0.5 % of the memory described, plus a hot-page
+cache (LRU, bounded by ``memory_budget_bytes``) in front of ``pages.dat``. Records are never deleted
+while the store is open, so a reference taken from a summary stays valid for the whole session;
+memory pressure shrinks the hot cache (:meth:`BaselineStore.adapt_to_memory`), never fails a migration.
+When ``max_records`` is reached, new content is simply not stored (counted in ``skipped_pages``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from novacron.dwcp.encoding.batch import PageBatch
+from novacron.dwcp.encoding.errors import BaselineStoreError, HdeConfigError, HdeReferenceMissing
+from novacron.dwcp.encoding.hashing import TAG_BYTES, PageHasher
+from novacron.dwcp.encoding.limits import PAGE_SIZE, MiB
+from novacron.dwcp.encoding.summary import BaselineSummary, CopyTags
+from novacron.observability.log import log_event
+
+log = logging.getLogger("novacron.dwcp.encoding.baseline")
+
+I32Array = npt.NDArray[np.int32]
+U8Array = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class BaselineLimits:
+    memory_budget_bytes: int = 256 * MiB  # hot page cache
+    min_memory_budget_bytes: int = 8 * MiB  # floor under memory pressure
+    pressure_fraction: float = 0.25  # at most this share of MemAvailable for the hot cache
+    max_records: int = 1 << 24  # 64 GiB of distinct pages on disk
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_memory_budget_bytes <= self.memory_budget_bytes:
+            raise HdeConfigError("need 0 < min_memory_budget_bytes <= memory_budget_bytes")
+        if not 0 < self.pressure_fraction <= 1 or not 0 < self.max_records < 1 << 31:
+            raise HdeConfigError("bad baseline limits", max_records=self.max_records)
+
+
+class _HotCache:
+    """LRU cache of records in one numpy slab; evicts the least recently used eighth in bulk."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.capacity = max(1, budget_bytes // PAGE_SIZE)
+        self.slab = np.zeros((self.capacity, PAGE_SIZE), dtype=np.uint8)
+        self._slot_of: dict[int, int] = {}
+        self._rec_of = np.full(self.capacity, -1, dtype=np.int64)
+        self._used = np.zeros(self.capacity, dtype=np.int64)
+        self._free = list(range(self.capacity - 1, -1, -1))
+        self._clock = 0
+
+    def get(self, rec: int) -> int | None:
+        slot = self._slot_of.get(rec)
+        if slot is not None:
+            self._clock += 1
+            self._used[slot] = self._clock
+        return slot
+
+    def put(self, rec: int, page: U8Array) -> None:
+        if rec in self._slot_of:
+            return
+        if not self._free:
+            n = max(1, self.capacity // 8)
+            victims = np.argpartition(self._used, n - 1)[:n].tolist()
+            for slot in victims:
+                del self._slot_of[int(self._rec_of[slot])]
+            self._rec_of[victims] = -1
+            self._free.extend(victims)
+        slot = self._free.pop()
+        self._clock += 1
+        self.slab[slot] = page
+        self._rec_of[slot] = rec
+        self._used[slot] = self._clock
+        self._slot_of[rec] = slot
+
+
+class BaselineStore:
+    def __init__(self, directory: Path, hasher: PageHasher, limits: BaselineLimits | None = None) -> None:
+        self.dir = directory
+        self.hasher = hasher
+        self.limits = limits or BaselineLimits()
+        self.skipped_pages = 0
+        (directory / "copies").mkdir(parents=True, exist_ok=True)
+        self._pages_fd = os.open(directory / "pages.dat", os.O_RDWR | os.O_CREAT, 0o600)
+        self._tags_fd = os.open(directory / "tags.dat", os.O_RDWR | os.O_CREAT, 0o600)
+        self._fps_fd = os.open(directory / "fps.dat", os.O_RDWR | os.O_CREAT, 0o600)
+        self._budget = self.limits.memory_budget_bytes
+        self._cache = _HotCache(self._budget)
+        self._copies: dict[str, dict[str, tuple[npt.NDArray[np.uint32], I32Array]]] = {}
+        self._dirty_copies: set[str] = set()
+        self._tags_map: U8Array | None = None
+        self._load()
+
+    # -- loading and persistence -----------------------------------------------------------------------
+    def _load(self) -> None:
+        sizes = (
+            os.fstat(self._pages_fd).st_size // PAGE_SIZE,
+            os.fstat(self._tags_fd).st_size // TAG_BYTES,
+            os.fstat(self._fps_fd).st_size // 8,
+        )
+        # A crash can leave one file a record ahead of the others: the shortest one decides.
+        self.records = min(sizes)
+        if max(sizes) != self.records:
+            log_event(log, "baseline.truncated", level=logging.WARNING, records=self.records, sizes=sizes)
+        fps = np.fromfile(self.dir / "fps.dat", dtype="<u8", count=self.records).astype(np.uint64)
+        order = np.argsort(fps, kind="stable")
+        self._sorted_fps = fps[order]
+        self._sorted_rec = order.astype(np.int32)
+        for path in sorted((self.dir / "copies").glob("*.npz")):
+            try:
+                vm = bytes.fromhex(path.stem).decode()
+                with np.load(path) as z:
+                    blocks: dict[str, tuple[npt.NDArray[np.uint32], I32Array]] = {}
+                    for key in z.files:
+                        if key.startswith("i_"):
+                            name = bytes.fromhex(key[2:]).decode()
+                            idx = z[key].astype(np.uint32)
+                            rec = z["r_" + key[2:]].astype(np.int32)
+                            if idx.shape != rec.shape or (rec.shape[0] and int(rec.max()) >= self.records):
+                                raise BaselineStoreError("copy refers beyond the stored records", vm=vm)
+                            blocks[name] = (idx, rec)
+            except (OSError, ValueError, KeyError, BaselineStoreError) as exc:
+                log_event(log, "baseline.copy_dropped", level=logging.WARNING, file=path.name, error=str(exc))
+                continue
+            self._copies[vm] = blocks
+
+    def flush(self) -> None:
+        for vm in sorted(self._dirty_copies):
+            arrays: dict[str, npt.NDArray[np.generic]] = {}
+            for name, (idx, rec) in self._copies.get(vm, {}).items():
+                arrays["i_" + name.encode().hex()] = idx
+                arrays["r_" + name.encode().hex()] = rec
+            final = self.dir / "copies" / (vm.encode().hex() + ".npz")
+            tmp = final.with_suffix(".tmp.npz")
+            np.savez(tmp, **arrays)  # type: ignore[arg-type]
+            os.replace(tmp, final)
+        self._dirty_copies.clear()
+        for fd in (self._pages_fd, self._tags_fd, self._fps_fd):
+            os.fsync(fd)
+
+    def close(self) -> None:
+        self.flush()
+        for fd in (self._pages_fd, self._tags_fd, self._fps_fd):
+            os.close(fd)
+
+    def __enter__(self) -> BaselineStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- adding content ----------------------------------------------------------------------------------
+    def add_batch(self, vm: str, batch: PageBatch) -> int:
+        """Remember ``batch`` as part of ``vm``'s copy on this host; returns the new records written."""
+        pages = batch.pages()
+        index = (batch.offsets // np.uint64(PAGE_SIZE)).astype(np.uint32)
+        nonzero = pages.view(np.uint64).any(axis=1)
+        recs, written = self._store(pages[nonzero])
+        blocks = self._copies.setdefault(vm, {})
+        old_idx, old_rec = blocks.get(batch.block, (np.zeros(0, np.uint32), np.zeros(0, np.int32)))
+        # New versions replace old ones at the same address; zero pages drop the address.
+        keep = ~np.isin(old_idx, index)
+        ok = recs >= 0
+        idx = np.concatenate((old_idx[keep], index[nonzero][ok]))
+        rec = np.concatenate((old_rec[keep], recs[ok]))
+        order = np.argsort(idx, kind="stable")
+        blocks[batch.block] = (idx[order], rec[order])
+        self._dirty_copies.add(vm)
+        return written
+
+    def add_content(self, pages: U8Array) -> int:
+        """Store pages without an address (e.g. a sibling VM's memory); returns new records written."""
+        nonzero = pages.view(np.uint64).any(axis=1)
+        return self._store(pages[nonzero])[1]
+
+    def drop_copy(self, vm: str) -> None:
+        """Forget ``vm``'s address map (its content stays available as baseline content)."""
+        if self._copies.pop(vm, None) is not None:
+            (self.dir / "copies" / (vm.encode().hex() + ".npz")).unlink(missing_ok=True)
+
+    def _store(self, pages: U8Array) -> tuple[I32Array, int]:
+        n = pages.shape[0]
+        if n == 0:
+            return np.zeros(0, np.int32), 0
+        fps = self.hasher.fingerprints(pages)
+        tags = self.hasher.tags(pages)
+        recs = self._find(fps, tags)
+        new = np.flatnonzero(recs < 0)
+        if new.shape[0] == 0:
+            return recs, 0
+        # Equal pages inside this call are stored once, in order of first occurrence.
+        keys = np.ascontiguousarray(tags[new]).view(np.dtype((np.void, TAG_BYTES))).ravel()
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        order = np.argsort(first, kind="stable")
+        room = max(self.limits.max_records - self.records, 0)
+        if room < order.shape[0]:
+            self.skipped_pages += int(order.shape[0] - room)
+            order = order[:room]
+        if order.shape[0] == 0:
+            return recs, 0
+        base = self.records
+        rec_of_key = np.full(first.shape[0], -1, dtype=np.int32)
+        rec_of_key[order] = np.arange(base, base + order.shape[0], dtype=np.int32)
+        rows = new[first[order]]
+        os.pwrite(self._pages_fd, np.ascontiguousarray(pages[rows]).tobytes(), base * PAGE_SIZE)
+        os.pwrite(self._tags_fd, np.ascontiguousarray(tags[rows]).tobytes(), base * TAG_BYTES)
+        os.pwrite(self._fps_fd, fps[rows].astype("<u8").tobytes(), base * 8)
+        self.records += int(order.shape[0])
+        # Insert in fingerprint order, so new values landing at the same position stay sorted too.
+        by_fp = np.argsort(fps[rows], kind="stable")
+        new_fps = fps[rows][by_fp]
+        pos = np.searchsorted(self._sorted_fps, new_fps)
+        self._sorted_fps = np.insert(self._sorted_fps, pos, new_fps)
+        self._sorted_rec = np.insert(self._sorted_rec, pos, rec_of_key[order][by_fp])
+        recs[new] = rec_of_key[inverse.ravel()]
+        return recs, int(order.shape[0])
+
+    # -- lookups -----------------------------------------------------------------------------------------
+    def _find(self, fps: npt.NDArray[np.uint64], tags: U8Array) -> I32Array:
+        """Record holding exactly the content with these fingerprints and tags, or -1."""
+        out = np.full(fps.shape[0], -1, dtype=np.int32)
+        if self.records == 0 or fps.shape[0] == 0:
+            return out
+        lo = np.searchsorted(self._sorted_fps, fps, side="left")
+        hi = np.searchsorted(self._sorted_fps, fps, side="right")
+        stored = self._tags()
+        single = np.flatnonzero(hi - lo == 1)
+        if single.shape[0]:
+            rec = self._sorted_rec[lo[single]]
+            same = (stored[rec] == tags[single]).all(axis=1)
+            out[single[same]] = rec[same]
+        # Several records share a fingerprint only on a collision: check each candidate's tag.
+        for i in np.flatnonzero(hi - lo > 1).tolist():
+            cand = self._sorted_rec[int(lo[i]) : int(hi[i])]
+            same = (stored[cand] == tags[i]).all(axis=1)
+            if same.any():
+                out[i] = cand[np.argmax(same)]
+        return out
+
+    def _tags(self) -> U8Array:
+        if self._tags_map is None or self._tags_map.shape[0] != self.records:
+            self._tags_map = np.memmap(
+                self.dir / "tags.dat", dtype=np.uint8, mode="r", shape=(self.records, TAG_BYTES)
+            )
+        return self._tags_map
+
+    def read(self, recs: I32Array) -> U8Array:
+        out = np.empty((recs.shape[0], PAGE_SIZE), dtype=np.uint8)
+        for i, rec in enumerate(recs.tolist()):
+            slot = self._cache.get(rec)
+            if slot is not None:
+                out[i] = self._cache.slab[slot]
+                continue
+            raw = os.pread(self._pages_fd, PAGE_SIZE, rec * PAGE_SIZE)
+            if len(raw) != PAGE_SIZE:
+                raise BaselineStoreError("baseline record is truncated", record=rec)
+            out[i] = np.frombuffer(raw, dtype=np.uint8)
+            self._cache.put(rec, out[i])
+        return out
+
+    # -- what the sender is told -------------------------------------------------------------------------
+    def summary(self, vm: str | None) -> BaselineSummary:
+        copy: dict[str, CopyTags] = {}
+        if vm is not None and vm in self._copies:
+            all_tags = self._tags()
+            for name, (idx, rec) in self._copies[vm].items():
+                copy[name] = CopyTags(idx.copy(), np.array(all_tags[rec]))
+        return BaselineSummary(copy=copy, content_fps=np.unique(self._sorted_fps))
+
+    def session(self, vm: str | None) -> BaselineSession:
+        return BaselineSession(self, dict(self._copies.get(vm, {})) if vm is not None else {})
+
+    # -- memory -------------------------------------------------------------------------------------------
+    def set_memory_budget(self, budget_bytes: int) -> None:
+        """Resize the hot cache (dropping its contents); never below ``min_memory_budget_bytes``."""
+        budget = max(self.limits.min_memory_budget_bytes, min(budget_bytes, self.limits.memory_budget_bytes))
+        if budget != self._budget:
+            self._budget = budget
+            self._cache = _HotCache(budget)
+            log_event(log, "baseline.budget", budget=budget)
+
+    def adapt_to_memory(self, mem_available_bytes: int) -> int:
+        """Lower (or restore) the hot-cache budget to a share of the memory the host has free."""
+        self.set_memory_budget(int(mem_available_bytes * self.limits.pressure_fraction))
+        return self._budget
+
+    @property
+    def memory_budget(self) -> int:
+        return self._budget
+
+    def index_bytes(self) -> int:
+        """Bytes of the in-memory index (fingerprints, record numbers, copy maps); not the hot cache."""
+        copies = sum(i.nbytes + r.nbytes for blocks in self._copies.values() for i, r in blocks.values())
+        return int(self._sorted_fps.nbytes + self._sorted_rec.nbytes + copies)
+
+    def described_bytes(self) -> int:
+        """Memory the index describes: the distinct records plus every address of every copy."""
+        addresses = sum(i.shape[0] for blocks in self._copies.values() for i, _ in blocks.values())
+        return int((self.records + addresses) * PAGE_SIZE)
+
+
+class BaselineSession:
+    """The decoder's read access to the store for one incoming migration (copy maps snapshotted)."""
+
+    def __init__(
+        self, store: BaselineStore, copy: dict[str, tuple[npt.NDArray[np.uint32], I32Array]]
+    ) -> None:
+        self._store = store
+        self._copy = copy
+
+    def same_address(self, block: str, index: npt.NDArray[np.uint64], seq: int) -> U8Array:
+        idx, rec = self._copy.get(block, (np.zeros(0, np.uint32), np.zeros(0, np.int32)))
+        if idx.shape[0] == 0:
+            raise HdeReferenceMissing("no baseline copy of this block", block=block, seq=seq)
+        pos = np.minimum(np.searchsorted(idx, index), idx.shape[0] - 1)
+        hit = idx[pos] == index
+        if not hit.all():
+            raise HdeReferenceMissing(
+                "baseline copy lacks addresses", block=block, seq=seq, missing=int((~hit).sum())
+            )
+        return self._store.read(rec[pos])
+
+    def content(self, fps: npt.NDArray[np.uint64], tags: U8Array, seq: int) -> U8Array:
+        recs = self._store._find(fps, tags)
+        if np.any(recs < 0):
+            raise HdeReferenceMissing(
+                "baseline content not held (or its tag differs)", seq=seq, missing=int((recs < 0).sum())
+            )
+        return self._store.read(recs)

@@ -1,0 +1,217 @@
+"""The receiving half of HDE: batches in, the exact pages or bytes out, or a typed error (sans-IO).
+
+Every size is checked against :class:`HdeLimits` before anything is allocated from it, every reference
+is checked against the mirrored caches or the baseline, and the rebuilt content must match the batch
+checksum. Only then does the decoder update its state, so a refused batch changes nothing and the same
+sequence number can be sent again (for a missing baseline reference: a repair batch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from novacron.dwcp.encoding import sparse
+from novacron.dwcp.encoding.baseline import BaselineSession
+from novacron.dwcp.encoding.batch import OpaqueChunk, PageBatch, distinct
+from novacron.dwcp.encoding.chunk_cache import ChunkCache
+from novacron.dwcp.encoding.codecs import CodecBank
+from novacron.dwcp.encoding.errors import HdeDecodeError, HdeReferenceMissing
+from novacron.dwcp.encoding.hashing import TAG_BYTES, checksum
+from novacron.dwcp.encoding.limits import PAGE_SIZE, HdeLimits
+from novacron.dwcp.encoding.session_cache import CacheArena, SessionPageCache
+from novacron.dwcp.encoding.wire import (
+    FLAG_REPAIR,
+    HEADER_SIZE,
+    BatchKind,
+    ChunkKind,
+    Header,
+    PageKind,
+    unpack_header,
+)
+
+KIND_COUNT = len(PageKind)
+_REPAIR_KINDS = (PageKind.ZERO, PageKind.LITERAL)
+
+
+class _Reader:
+    """Consumes a body front to back; running past its end is a decode error, not an IndexError."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.pos = 0
+
+    def take(self, n: int, what: str) -> npt.NDArray[np.uint8]:
+        if n < 0 or self.pos + n > len(self.body):
+            raise HdeDecodeError("batch body too short", section=what, need=n, have=len(self.body) - self.pos)
+        out = np.frombuffer(self.body, dtype=np.uint8, count=n, offset=self.pos)
+        self.pos += n
+        return out
+
+    def array(self, count: int, dtype: str, what: str) -> npt.NDArray[np.generic]:
+        size = np.dtype(dtype).itemsize
+        return self.take(count * size, what).view(dtype)
+
+    def finish(self) -> None:
+        if self.pos != len(self.body):
+            raise HdeDecodeError("trailing bytes in batch body", extra=len(self.body) - self.pos)
+
+
+class HdeDecoder:
+    def __init__(
+        self,
+        limits: HdeLimits | None = None,
+        *,
+        baseline: BaselineSession | None = None,
+        arena: CacheArena | None = None,
+    ) -> None:
+        self.limits = limits or HdeLimits()
+        self.baseline = baseline
+        self._bank = CodecBank(self.limits.max_zstd_window)
+        self._cache = SessionPageCache(self.limits.session_pages, arena)
+        self._chunks = ChunkCache(self.limits.chunk_cache_bytes, with_index=False)
+        self._seq = 0
+
+    def close(self) -> None:
+        """Release the cache arena (if one was given) for the next session."""
+        self._cache.close()
+
+    @property
+    def next_seq(self) -> int:
+        return self._seq
+
+    def decode(self, wire: bytes) -> PageBatch | OpaqueChunk:
+        h = unpack_header(wire, self.limits)
+        repair = bool(h.flags & FLAG_REPAIR)
+        # A repair replaces the batch just refused; everything else must come in order.
+        if h.seq != self._seq:
+            raise HdeDecodeError("batch out of sequence", seq=h.seq, expected=self._seq, repair=repair)
+        pos = HEADER_SIZE
+        try:
+            name = wire[pos : pos + h.name_len].decode()
+        except UnicodeDecodeError as exc:
+            raise HdeDecodeError("block name is not UTF-8", seq=h.seq) from exc
+        pos += h.name_len
+        meta = wire[pos : pos + h.meta_len]
+        pos += h.meta_len
+        body = self._bank.decompress(h.codec, memoryview(wire)[pos:], h.raw_len)
+        if h.kind is BatchKind.PAGES:
+            return self._decode_pages(h, name, meta, body, repair)
+        return self._decode_chunks(h, meta, body)
+
+    # -- pages ---------------------------------------------------------------------------------------------
+    def _decode_pages(self, h: Header, name: str, meta: bytes, body: bytes, repair: bool) -> PageBatch:
+        n, seq, lim = h.count, h.seq, self.limits
+        r = _Reader(body)
+        index = np.cumsum(r.array(n, "<u8", "offsets"), dtype=np.uint64)
+        if n and int(index.max()) > lim.max_page_index:
+            raise HdeDecodeError("page index beyond the limit", seq=seq)
+        if n > 1 and not distinct(index):
+            raise HdeDecodeError("a page occurs twice in one batch", seq=seq)
+        kinds = r.array(n, "u1", "kinds")
+        if n and int(kinds.max()) >= KIND_COUNT:
+            raise HdeDecodeError("unknown page kind", seq=seq, kind=int(kinds.max()))
+        counts = np.bincount(kinds, minlength=KIND_COUNT)
+        if repair and int(counts.sum() - sum(counts[k] for k in _REPAIR_KINDS)):
+            raise HdeDecodeError("repair batch with references", seq=seq)
+        ref_slot = r.array(int(counts[PageKind.SESSION_REF]), "<u4", "session refs").astype(np.int32)
+        dup_src = r.array(int(counts[PageKind.BATCH_DUP]), "<u2", "batch dups").astype(np.int64)
+        n_base = int(counts[PageKind.BASE_CONTENT])
+        base_fps = r.array(n_base, "<u8", "baseline fingerprints").astype(np.uint64)
+        base_tags = r.take(n_base * TAG_BYTES, "baseline tags").reshape(n_base, TAG_BYTES)
+        n_delta = int(counts[PageKind.DELTA])
+        run_counts = r.array(n_delta, "<u2", "delta counts").astype(np.uint16)
+        total_runs = int(run_counts.sum(dtype=np.int64))
+        runs2 = r.array(2 * total_runs, "<u2", "delta runs").astype(np.uint16).reshape(-1, 2)
+        delta_data = r.take(int(runs2[:, 1].sum(dtype=np.int64)), "delta data")
+        literals = r.take(int(counts[PageKind.LITERAL]) * PAGE_SIZE, "literal pages")
+        r.finish()
+
+        out = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+        rows = [np.flatnonzero(kinds == k) for k in range(KIND_COUNT)]
+        out[rows[PageKind.LITERAL]] = literals.reshape(-1, PAGE_SIZE)
+        block = self._cache.find_block(name)
+        slots = self._cache.lookup(block, index) if block is not None else np.full(n, -1, dtype=np.int32)
+        for kind in (PageKind.UNCHANGED, PageKind.DELTA):
+            sel = rows[kind]
+            if sel.shape[0]:
+                if np.any(slots[sel] < 0):
+                    raise HdeDecodeError("delta or unchanged page without a cached version", seq=seq)
+                out[sel] = self._cache.slab[slots[sel]]
+        if n_delta:
+            sparse.decode_into(out, rows[PageKind.DELTA].astype(np.int64), run_counts, runs2, delta_data)
+        sel = rows[PageKind.SESSION_REF]
+        if sel.shape[0]:
+            if not self._cache.occupied(ref_slot).all():
+                raise HdeDecodeError("reference to an empty session-cache slot", seq=seq)
+            out[sel] = self._cache.slab[ref_slot]
+        for kind in (PageKind.BASE_SAME_ADDR, PageKind.BASE_CONTENT):
+            sel = rows[kind]
+            if sel.shape[0] == 0:
+                continue
+            if self.baseline is None:
+                raise HdeReferenceMissing("baseline reference but no baseline store", seq=seq)
+            if kind is PageKind.BASE_SAME_ADDR:
+                out[sel] = self.baseline.same_address(name, index[sel], seq)
+            else:
+                out[sel] = self.baseline.content(base_fps, base_tags, seq)
+        sel = rows[PageKind.BATCH_DUP]
+        if sel.shape[0]:
+            if np.any(dup_src >= sel) or np.any(kinds[dup_src] == PageKind.BATCH_DUP):
+                raise HdeDecodeError("bad in-batch duplicate reference", seq=seq)
+            out[sel] = out[dup_src]
+
+        offsets = index * np.uint64(PAGE_SIZE)
+        data = out.tobytes()
+        got = checksum(
+            [seq.to_bytes(8, "little"), name.encode(), offsets.astype("<u8").tobytes(), data, meta]
+        )
+        if got != h.checksum:
+            raise HdeDecodeError("batch checksum mismatch: rebuilt pages differ", seq=seq, block=name)
+        zero = np.logical_not(out.view(np.uint64).any(axis=1))
+        self._cache.apply(self._cache.block_id(name), index, out, zero, seq)
+        self._seq += 1
+        return PageBatch(name, offsets, data, meta)
+
+    # -- opaque chunks -------------------------------------------------------------------------------------
+    def _decode_chunks(self, h: Header, meta: bytes, body: bytes) -> OpaqueChunk:
+        n, seq = h.count, h.seq
+        r = _Reader(body)
+        kinds = r.array(n, "u1", "chunk kinds")
+        if n and int(kinds.max()) > max(ChunkKind):
+            raise HdeDecodeError("unknown chunk kind", seq=seq)
+        lengths = r.array(n, "<u4", "chunk lengths").astype(np.int64)
+        if int(lengths.sum()) > self.limits.max_chunk_input or (n and int(lengths.min()) == 0):
+            raise HdeDecodeError("chunk sizes out of bounds", seq=seq)
+        refs = r.array(int((kinds == ChunkKind.REF).sum()), "<u8", "chunk refs").tolist()
+        dups = r.array(int((kinds == ChunkKind.DUP).sum()), "<u4", "chunk dups").tolist()
+        pieces: list[bytes] = []
+        literals: list[bytes] = []
+        ri = di = 0
+        for pos, (kind, length) in enumerate(zip(kinds.tolist(), lengths.tolist(), strict=True)):
+            if kind == ChunkKind.LITERAL:
+                piece = r.take(length, "chunk data").tobytes()
+                literals.append(piece)
+            elif kind == ChunkKind.REF:
+                held = self._chunks.get(int(refs[ri]))
+                ri += 1
+                if held is None:
+                    raise HdeDecodeError("reference to a chunk not in the cache", seq=seq, chunk=refs[ri - 1])
+                piece = held
+            else:
+                src = int(dups[di])
+                di += 1
+                if src >= pos:
+                    raise HdeDecodeError("chunk duplicate refers forward", seq=seq)
+                piece = pieces[src]
+            if len(piece) != length:
+                raise HdeDecodeError("chunk length mismatch", seq=seq, position=pos)
+            pieces.append(piece)
+        r.finish()
+        data = b"".join(pieces)
+        if checksum([seq.to_bytes(8, "little"), data, meta]) != h.checksum:
+            raise HdeDecodeError("batch checksum mismatch: rebuilt data differ", seq=seq)
+        for piece in literals:
+            self._chunks.add(piece)
+        self._seq += 1
+        return OpaqueChunk(data, meta)

@@ -1,0 +1,118 @@
+"""What the receiver tells the sender about its baseline store at session start, and the sender's view.
+
+The summary has two parts (``docs/hde.md``, "Baseline summary"):
+
+* the per-address keyed tags of *this VM's* previous copy on the receiver (sorted page indices and one
+  16-byte tag each, per RAM block): a page whose tag equals the tag at its address is sent as
+  ``BASE_SAME_ADDR`` with no payload at all;
+* the sorted, distinct 64-bit fingerprints of all content the store holds (siblings from the same image,
+  earlier copies): a page whose fingerprint is in the set is sent as ``BASE_CONTENT`` with its
+  fingerprint and keyed tag, which the receiver confirms.
+
+Both are plain numpy arrays (4 + 16 bytes per address, 8 bytes per distinct page): well under 1 % of the
+memory they describe. Serialised with a versioned header and bounded on parsing.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from novacron.dwcp.encoding.errors import HdeDecodeError
+from novacron.dwcp.encoding.hashing import TAG_BYTES
+
+SUMMARY_MAGIC = b"HDS"
+SUMMARY_VERSION = 1
+_HEAD = struct.Struct("<3sBHQ")  # magic, version, block count, content fingerprint count
+_BLOCK = struct.Struct("<HQ")  # name length, address count
+MAX_SUMMARY_ENTRIES = 1 << 30
+
+
+@dataclass(frozen=True)
+class CopyTags:
+    index: npt.NDArray[np.uint32]  # sorted page indices
+    tags: npt.NDArray[np.uint8]  # (n, 16)
+
+
+@dataclass(frozen=True)
+class BaselineSummary:
+    copy: dict[str, CopyTags] = field(default_factory=dict)
+    content_fps: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.content_fps.nbytes + sum(c.index.nbytes + c.tags.nbytes for c in self.copy.values()))
+
+    def to_bytes(self) -> bytes:
+        parts = [_HEAD.pack(SUMMARY_MAGIC, SUMMARY_VERSION, len(self.copy), self.content_fps.shape[0])]
+        for name, ct in self.copy.items():
+            raw = name.encode()
+            parts += [_BLOCK.pack(len(raw), ct.index.shape[0]), raw]
+            parts += [ct.index.astype("<u4").tobytes(), np.ascontiguousarray(ct.tags).tobytes()]
+        parts.append(self.content_fps.astype("<u8").tobytes())
+        return b"".join(parts)
+
+    @classmethod
+    def from_bytes(cls, buf: bytes, max_entries: int = MAX_SUMMARY_ENTRIES) -> BaselineSummary:
+        try:
+            magic, version, nblocks, nfps = _HEAD.unpack_from(buf)
+            if magic != SUMMARY_MAGIC or version != SUMMARY_VERSION:
+                raise HdeDecodeError(
+                    "not an HDE baseline summary v1", magic=bytes(magic).hex(), version=version
+                )
+            if nfps > max_entries:
+                raise HdeDecodeError("summary too large", fingerprints=nfps)
+            pos = _HEAD.size
+            copy: dict[str, CopyTags] = {}
+            for _ in range(nblocks):
+                nlen, count = _BLOCK.unpack_from(buf, pos)
+                pos += _BLOCK.size
+                if count > max_entries or pos + nlen + count * (4 + TAG_BYTES) > len(buf):
+                    raise HdeDecodeError("summary block out of bounds", count=count)
+                name = buf[pos : pos + nlen].decode()
+                pos += nlen
+                index = np.frombuffer(buf, dtype="<u4", count=count, offset=pos).astype(np.uint32)
+                pos += 4 * count
+                tags = np.frombuffer(buf, dtype=np.uint8, count=count * TAG_BYTES, offset=pos)
+                pos += count * TAG_BYTES
+                if count > 1 and np.any(np.diff(index.astype(np.int64)) <= 0):
+                    raise HdeDecodeError("summary page indices not strictly increasing", block=name)
+                copy[name] = CopyTags(index, tags.reshape(count, TAG_BYTES).copy())
+            if pos + 8 * nfps != len(buf):
+                raise HdeDecodeError("summary size does not match its header", size=len(buf))
+            fps = np.frombuffer(buf, dtype="<u8", count=nfps, offset=pos).astype(np.uint64)
+        except (struct.error, ValueError, UnicodeDecodeError) as exc:
+            raise HdeDecodeError("malformed baseline summary", detail=str(exc)) from exc
+        if nfps > 1 and np.any(fps[1:] <= fps[:-1]):
+            raise HdeDecodeError("summary fingerprints not sorted and distinct")
+        return cls(copy=copy, content_fps=fps)
+
+
+class BaselineView:
+    """The sender's vectorised queries against a summary."""
+
+    def __init__(self, summary: BaselineSummary) -> None:
+        self.summary = summary
+
+    def copy_tags(
+        self, block: str, index: npt.NDArray[np.uint64]
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint8]]:
+        """(has, tags): whether the receiver's copy has a tag at each address, and the tag (rows of has)."""
+        ct = self.summary.copy.get(block)
+        n = index.shape[0]
+        if ct is None or ct.index.shape[0] == 0 or n == 0:
+            return np.zeros(n, dtype=bool), np.zeros((0, TAG_BYTES), dtype=np.uint8)
+        pos = np.searchsorted(ct.index, index)
+        pos_c = np.minimum(pos, ct.index.shape[0] - 1)
+        has = ct.index[pos_c] == index
+        return has, ct.tags[pos_c[has]]
+
+    def has_content(self, fps: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+        table = self.summary.content_fps
+        if table.shape[0] == 0 or fps.shape[0] == 0:
+            return np.zeros(fps.shape[0], dtype=bool)
+        pos = np.minimum(np.searchsorted(table, fps), table.shape[0] - 1)
+        return np.asarray(table[pos] == fps)

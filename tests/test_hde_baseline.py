@@ -1,0 +1,112 @@
+"""The receiver's baseline store: references to earlier copies and siblings, limits, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from novacron.dwcp.encoding import (
+    PAGE_SIZE,
+    BaselineLimits,
+    BaselineStore,
+    BaselineSummary,
+    BaselineView,
+    DefaultPageHasher,
+    HdeDecoder,
+    HdeEncoder,
+    HdeLimits,
+    PageKind,
+)
+from test_hde_support import KEY, batch, text_pages
+
+LIM = HdeLimits(session_cache_bytes=16 << 20)
+HASHER = DefaultPageHasher(KEY)
+
+
+def vm_memory(seed: int, n: int = 1024) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    pages = text_pages(rng, n)
+    pages[rng.random(n) < 0.3] = 0
+    return pages
+
+
+def send(enc: HdeEncoder, dec: HdeDecoder, pages: np.ndarray, block: str = "pc.ram") -> int:
+    total = 0
+    for i in range(0, pages.shape[0], 128):
+        b = batch(block, range(i, min(i + 128, pages.shape[0])), pages[i : i + 128])
+        wire = enc.encode(b)
+        assert dec.decode(wire) == b
+        total += len(wire)
+    return total
+
+
+def test_resent_vm_uses_its_previous_copy(tmp_path: Path) -> None:
+    old = vm_memory(1)
+    new = old.copy()
+    new[::50, :64] = 9  # some pages changed since the copy was taken
+    with BaselineStore(tmp_path, HASHER) as store:
+        for i in range(0, old.shape[0], 128):
+            store.add_batch("vm1", batch("pc.ram", range(i, i + 128), old[i : i + 128]))
+        summary = BaselineSummary.from_bytes(store.summary("vm1").to_bytes())  # as sent over the wire
+        enc = HdeEncoder(HASHER, LIM, baseline=BaselineView(summary))
+        with_base = send(enc, HdeDecoder(LIM, baseline=store.session("vm1")), new)
+        plain = send(HdeEncoder(HASHER, LIM), HdeDecoder(LIM), new)
+    kinds = enc.stats.pages_by_kind
+    changed = int(new[::50].any(axis=1).sum())
+    assert kinds[PageKind.BASE_SAME_ADDR] == int(new.any(axis=1).sum()) - changed
+    assert with_base * 10 < plain
+
+
+def test_sibling_content_is_referenced_with_tags(tmp_path: Path) -> None:
+    sibling = vm_memory(2)
+    mine = sibling.copy()
+    mine[5::7] = text_pages(np.random.default_rng(9), mine[5::7].shape[0])  # private pages
+    order = np.random.default_rng(3).permutation(mine.shape[0])
+    mine = mine[order]  # same content at other addresses
+    with BaselineStore(tmp_path, HASHER) as store:
+        store.add_content(sibling)
+        enc = HdeEncoder(HASHER, LIM, baseline=BaselineView(store.summary("vm2")))
+        send(enc, HdeDecoder(LIM, baseline=store.session("vm2")), mine)
+    shared = np.count_nonzero(sibling.any(axis=1)) * 6 / 7
+    assert enc.stats.pages_by_kind[PageKind.BASE_CONTENT] > 0.8 * shared
+
+
+def test_store_persists_dedups_and_keeps_its_index_small(tmp_path: Path) -> None:
+    pages = vm_memory(4, 2048)
+    with BaselineStore(tmp_path, HASHER) as store:
+        written = store.add_batch("vm", batch("pc.ram", range(2048), pages))
+        again = store.add_batch("other", batch("pc.ram", range(2048), pages))
+        assert written == store.records
+        assert again == 0  # equal content is stored once
+    with BaselineStore(tmp_path, HASHER) as store:
+        assert store.records == written
+        summary = store.summary("vm")
+        described = store.described_bytes()
+        assert store.index_bytes() <= 0.01 * described
+        assert summary.nbytes <= 0.01 * pages.nbytes
+        nonzero = np.flatnonzero(pages.any(axis=1))
+        got = store.session("vm").same_address("pc.ram", nonzero.astype(np.uint64), seq=0)
+        assert np.array_equal(got, pages[nonzero])
+
+
+def test_memory_pressure_lowers_the_budget_instead_of_failing(tmp_path: Path) -> None:
+    limits = BaselineLimits(memory_budget_bytes=4 << 20, min_memory_budget_bytes=64 * PAGE_SIZE)
+    pages = vm_memory(5, 2048)
+    with BaselineStore(tmp_path, HASHER, limits) as store:
+        store.add_batch("vm", batch("pc.ram", range(2048), pages))
+        assert store.adapt_to_memory(1 << 30) == 4 << 20
+        assert store.adapt_to_memory(1 << 20) == 64 * PAGE_SIZE  # floor, not zero
+        # Still fully usable with a cache far smaller than the data (pages come from disk).
+        nonzero = np.flatnonzero(pages.any(axis=1)).astype(np.uint64)
+        for _ in range(2):
+            got = store.session("vm").same_address("pc.ram", nonzero, seq=0)
+            assert np.array_equal(got, pages[nonzero.astype(np.int64)])
+
+
+def test_store_respects_its_record_limit(tmp_path: Path) -> None:
+    limits = BaselineLimits(max_records=100)
+    with BaselineStore(tmp_path, HASHER, limits) as store:
+        store.add_content(text_pages(np.random.default_rng(6), 300))
+        assert store.records == 100
+        assert store.skipped_pages == 200
