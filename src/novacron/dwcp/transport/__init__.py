@@ -1,0 +1,1 @@
+"""AMST: the multi-stream transport of DWCP (session, streams, stream-count controller)."""
