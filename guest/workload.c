@@ -518,11 +518,13 @@ static void run_dirtier(int tick_r, int ack_w, uint64_t seed) {
         if (read(tick_r, &b, 1) != 1) die("dirtier read");
         uint64_t now = now_ns();
         uint32_t e = __atomic_load_n(&sh->rate_epoch, __ATOMIC_ACQUIRE);
-        if (e != epoch) {
+        if (e != epoch) { /* new rate: measure it from scratch */
             epoch = e;
             base_ns = now;
             done_since_base = 0;
             rewrites_since_base = 0;
+            win_start = now;
+            win_count = sh->pages_dirtied;
         }
         uint32_t rate = sh->dirty_rate, nbytes = sh->dirty_bytes, rrate = sh->rewrite_rate;
         double elapsed = (double)(now - base_ns) / 1e9;
