@@ -1,0 +1,1 @@
+"""Security: the cluster PKI (CA, node certificates, trust bundle), TLS contexts, peer identities."""
