@@ -1,0 +1,57 @@
+"""DWCP v3 frames: the wire format (limits, registry of frame types and bodies, sans-IO codec)."""
+
+from novacron.dwcp.frames.codec import Frame, FrameDecoder, FrameEncoder, Payload, encode_frame
+from novacron.dwcp.frames.limits import (
+    DEFAULT_MAX_FRAME_SIZE,
+    HANDSHAKE_MAX_FRAME_SIZE,
+    HARD_MAX_FRAME_SIZE,
+    HEADER_SIZE,
+    MIN_MAX_FRAME_SIZE,
+    FrameLimits,
+)
+from novacron.dwcp.frames.messages import (
+    FLAG_ACK_REQUESTED,
+    REGISTRY,
+    Ack,
+    ChannelClose,
+    ChannelOpen,
+    Confirm,
+    DataChunk,
+    Error,
+    FrameType,
+    Goodbye,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Welcome,
+)
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "FLAG_ACK_REQUESTED",
+    "HANDSHAKE_MAX_FRAME_SIZE",
+    "HARD_MAX_FRAME_SIZE",
+    "HEADER_SIZE",
+    "MIN_MAX_FRAME_SIZE",
+    "REGISTRY",
+    "Ack",
+    "ChannelClose",
+    "ChannelOpen",
+    "Confirm",
+    "DataChunk",
+    "Error",
+    "Frame",
+    "FrameDecoder",
+    "FrameEncoder",
+    "FrameLimits",
+    "FrameType",
+    "Goodbye",
+    "Hello",
+    "Message",
+    "Payload",
+    "Ping",
+    "Pong",
+    "Welcome",
+    "encode_frame",
+]
