@@ -58,6 +58,27 @@ def test_resent_vm_uses_its_previous_copy(tmp_path: Path) -> None:
     assert with_base * 10 < plain
 
 
+def test_changed_pages_go_as_deltas_against_the_receivers_copy(tmp_path: Path) -> None:
+    """The sender holds the same copy as the receiver (the VM came from there): deltas against it."""
+    old = vm_memory(7)
+    new = old.copy()
+    new[::10, 100:164] = 5
+    receiver = BaselineStore(tmp_path / "receiver", HASHER)
+    sender = BaselineStore(tmp_path / "sender", HASHER)
+    for store in (receiver, sender):
+        store.add_batch("vm1", batch("pc.ram", range(old.shape[0]), old))
+    summary = receiver.summary("vm1")
+    plain_base = HdeEncoder(HASHER, LIM, baseline=BaselineView(summary))
+    without = send(plain_base, HdeDecoder(LIM, baseline=receiver.session("vm1")), new)
+    enc = HdeEncoder(HASHER, LIM, baseline=BaselineView(summary), peer_copy=sender.session("vm1"))
+    with_delta = send(enc, HdeDecoder(LIM, baseline=receiver.session("vm1")), new)
+    changed = int(old[::10].any(axis=1).sum())  # pages that were zero have no copy to delta against
+    assert enc.stats.pages_by_kind[PageKind.BASE_DELTA] == changed
+    assert with_delta * 3 < without
+    receiver.close()
+    sender.close()
+
+
 def test_sibling_content_is_referenced_with_tags(tmp_path: Path) -> None:
     sibling = vm_memory(2)
     mine = sibling.copy()

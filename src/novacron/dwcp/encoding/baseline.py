@@ -336,6 +336,24 @@ class BaselineSession:
             )
         return self._store.read(rec[pos])
 
+    def copy_pages(
+        self, block: str, index: npt.NDArray[np.uint64]
+    ) -> tuple[npt.NDArray[np.bool_], U8Array, U8Array]:
+        """(has, pages, tags) of this VM's copy at the given addresses, for the rows that have one.
+
+        The sender's use: when its own store holds the copy the receiver holds (the VM came from there),
+        it can send a page as a delta against that copy.
+        """
+        idx, rec = self._copy.get(block, (np.zeros(0, np.uint32), np.zeros(0, np.int32)))
+        n = index.shape[0]
+        if idx.shape[0] == 0 or n == 0:
+            empty = np.zeros((0, PAGE_SIZE), np.uint8)
+            return np.zeros(n, dtype=bool), empty, np.zeros((0, TAG_BYTES), np.uint8)
+        pos = np.minimum(np.searchsorted(idx, index), idx.shape[0] - 1)
+        has = idx[pos] == index
+        recs = rec[pos[has]]
+        return has, self._store.read(recs), np.array(self._store._tags()[recs])
+
     def content(self, fps: npt.NDArray[np.uint64], tags: U8Array, seq: int) -> U8Array:
         recs = self._store._find(fps, tags)
         if np.any(recs < 0):

@@ -57,6 +57,17 @@ class _Reader:
             raise HdeDecodeError("trailing bytes in batch body", extra=len(self.body) - self.pos)
 
 
+def _read_delta(
+    r: _Reader, pages: int
+) -> tuple[npt.NDArray[np.uint16], npt.NDArray[np.uint16], npt.NDArray[np.uint8]]:
+    """One sparse-delta section: run counts, (gap, length) pairs, changed bytes."""
+    counts = r.array(pages, "<u2", "delta counts").astype(np.uint16)
+    total_runs = int(counts.sum(dtype=np.int64))
+    runs = r.array(2 * total_runs, "<u2", "delta runs").astype(np.uint16).reshape(-1, 2)
+    data = r.take(int(runs[:, 1].sum(dtype=np.int64)), "delta data")
+    return counts, runs, data
+
+
 class HdeDecoder:
     def __init__(
         self,
@@ -119,11 +130,7 @@ class HdeDecoder:
         n_base = int(counts[PageKind.BASE_CONTENT])
         base_fps = r.array(n_base, "<u8", "baseline fingerprints").astype(np.uint64)
         base_tags = r.take(n_base * TAG_BYTES, "baseline tags").reshape(n_base, TAG_BYTES)
-        n_delta = int(counts[PageKind.DELTA])
-        run_counts = r.array(n_delta, "<u2", "delta counts").astype(np.uint16)
-        total_runs = int(run_counts.sum(dtype=np.int64))
-        runs2 = r.array(2 * total_runs, "<u2", "delta runs").astype(np.uint16).reshape(-1, 2)
-        delta_data = r.take(int(runs2[:, 1].sum(dtype=np.int64)), "delta data")
+        deltas = [_read_delta(r, int(counts[k])) for k in (PageKind.DELTA, PageKind.BASE_DELTA)]
         literals = r.take(int(counts[PageKind.LITERAL]) * PAGE_SIZE, "literal pages")
         r.finish()
 
@@ -138,23 +145,25 @@ class HdeDecoder:
                 if np.any(slots[sel] < 0):
                     raise HdeDecodeError("delta or unchanged page without a cached version", seq=seq)
                 out[sel] = self._cache.slab[slots[sel]]
-        if n_delta:
-            sparse.decode_into(out, rows[PageKind.DELTA].astype(np.int64), run_counts, runs2, delta_data)
+        if counts[PageKind.DELTA]:
+            sparse.decode_into(out, rows[PageKind.DELTA].astype(np.int64), *deltas[0])
         sel = rows[PageKind.SESSION_REF]
         if sel.shape[0]:
             if not self._cache.occupied(ref_slot).all():
                 raise HdeDecodeError("reference to an empty session-cache slot", seq=seq)
             out[sel] = self._cache.slab[ref_slot]
-        for kind in (PageKind.BASE_SAME_ADDR, PageKind.BASE_CONTENT):
+        for kind in (PageKind.BASE_SAME_ADDR, PageKind.BASE_CONTENT, PageKind.BASE_DELTA):
             sel = rows[kind]
             if sel.shape[0] == 0:
                 continue
             if self.baseline is None:
                 raise HdeReferenceMissing("baseline reference but no baseline store", seq=seq)
-            if kind is PageKind.BASE_SAME_ADDR:
-                out[sel] = self.baseline.same_address(name, index[sel], seq)
-            else:
+            if kind is PageKind.BASE_CONTENT:
                 out[sel] = self.baseline.content(base_fps, base_tags, seq)
+            else:
+                out[sel] = self.baseline.same_address(name, index[sel], seq)
+        if counts[PageKind.BASE_DELTA]:
+            sparse.decode_into(out, rows[PageKind.BASE_DELTA].astype(np.int64), *deltas[1])
         sel = rows[PageKind.BATCH_DUP]
         if sel.shape[0]:
             if np.any(dup_src >= sel) or np.any(kinds[dup_src] == PageKind.BATCH_DUP):

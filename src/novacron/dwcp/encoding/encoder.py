@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from novacron.dwcp.encoding import sparse
+from novacron.dwcp.encoding.baseline import BaselineSession
 from novacron.dwcp.encoding.batch import PageBatch, validate_page_batch
 from novacron.dwcp.encoding.chunk_cache import ChunkCache, cut
 from novacron.dwcp.encoding.codecs import LZ4, NONE, CodecBank
@@ -63,10 +64,14 @@ class HdeEncoder:
         on_choice: Callable[[CodecChoice], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         arena: CacheArena | None = None,
+        peer_copy: BaselineSession | None = None,
     ) -> None:
         self.limits = limits or HdeLimits()
         self.hasher = hasher
         self.baseline = baseline
+        # The sender's own store holding the same copy as the receiver (the VM came from there):
+        # lets a changed page go as a delta against the receiver's copy.
+        self.peer_copy = peer_copy
         self.selector = CodecSelector(cost or CostModelConfig(), on_choice)
         self.stats = EncoderStats()
         self.last_used_baseline = False
@@ -120,7 +125,9 @@ class HdeEncoder:
         counts = np.bincount(kinds, minlength=KIND_COUNT)
         for k in range(KIND_COUNT):
             self.stats.pages_by_kind[k] += int(counts[k])
-        self.last_used_baseline = bool(counts[PageKind.BASE_SAME_ADDR] or counts[PageKind.BASE_CONTENT])
+        self.last_used_baseline = bool(
+            counts[PageKind.BASE_SAME_ADDR] or counts[PageKind.BASE_CONTENT] or counts[PageKind.BASE_DELTA]
+        )
         self.stats.baseline_batches += int(self.last_used_baseline)
         self.stats.seconds += self._clock() - t0
         return out
@@ -187,6 +194,8 @@ class HdeEncoder:
             pending[d[eq]] = False
 
         view = self.baseline
+        copy_rows = np.zeros(0, dtype=np.int64)  # rows whose address the receiver's copy holds, changed
+        copy_tags = np.zeros((0, 16), dtype=np.uint8)
         if view is not None:
             rows = np.flatnonzero(pending)
             has, their = view.copy_tags(block_name, index[rows])
@@ -195,6 +204,7 @@ class HdeEncoder:
                 eq = (self.hasher.tags(pages[r]) == their).all(axis=1)
                 kinds[r[eq]] = PageKind.BASE_SAME_ADDR
                 pending[r[eq]] = False
+                copy_rows, copy_tags = r[~eq], their[~eq]
 
         rows = np.flatnonzero(pending)
         if rows.shape[0]:
@@ -223,8 +233,49 @@ class HdeEncoder:
             if ok.any():
                 plan.delta = sparse.encode(pages[rows], analysis, np.flatnonzero(ok))
                 kinds[rows[ok]] = PageKind.DELTA
+        if self.peer_copy is not None and copy_rows.shape[0]:
+            self._plan_base_delta(
+                self.peer_copy,
+                plan=plan,
+                block_name=block_name,
+                index=index,
+                pages=pages,
+                pending=pending,
+                slots=slots,
+                copy_rows=copy_rows,
+                copy_tags=copy_tags,
+            )
         plan.fps = fps
         return plan
+
+    def _plan_base_delta(
+        self,
+        peer_copy: BaselineSession,
+        *,
+        plan: _Plan,
+        block_name: str,
+        index: npt.NDArray[np.uint64],
+        pages: npt.NDArray[np.uint8],
+        pending: npt.NDArray[np.bool_],
+        slots: npt.NDArray[np.int32],
+        copy_rows: npt.NDArray[np.int64],
+        copy_tags: npt.NDArray[np.uint8],
+    ) -> None:
+        """Delta against the receiver's copy, where this side holds the very same copy (equal tags)."""
+        still = pending[copy_rows] & (slots[copy_rows] < 0) & (plan.kinds[copy_rows] == PageKind.LITERAL)
+        rows, their = copy_rows[still], copy_tags[still]
+        if rows.shape[0] == 0:
+            return
+        has, mine, my_tags = peer_copy.copy_pages(block_name, index[rows])
+        same = (my_tags == their[has]).all(axis=1)
+        rows, base = rows[has][same], mine[same]
+        if rows.shape[0] == 0:
+            return
+        analysis = sparse.analyse(pages[rows], base, self.limits.delta_merge_gap)
+        ok = analysis.cost <= self.limits.delta_max_fraction * PAGE_SIZE
+        if ok.any():
+            plan.base_delta = sparse.encode(pages[rows], analysis, np.flatnonzero(ok))
+            plan.kinds[rows[ok]] = PageKind.BASE_DELTA
 
     def _page_body(self, index: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint8], plan: _Plan) -> bytes:
         kinds = plan.kinds
@@ -241,6 +292,8 @@ class HdeEncoder:
             parts.append(plan.base_tags[sel].tobytes())
         if plan.delta is not None:
             parts.extend(plan.delta)
+        if plan.base_delta is not None:
+            parts.extend(plan.base_delta)
         parts.append(pages[is_kind[PageKind.LITERAL]].tobytes())
         return b"".join(parts)
 
@@ -382,3 +435,4 @@ class _Plan:
     dup_src: npt.NDArray[np.int64] | None = None
     base_tags: npt.NDArray[np.uint8] | None = None
     delta: tuple[bytes, bytes, bytes] | None = None
+    base_delta: tuple[bytes, bytes, bytes] | None = None

@@ -36,6 +36,7 @@ class PageKind(enum.IntEnum):
     BATCH_DUP = 5  # u16 index of an earlier page of this batch with the same bytes
     BASE_SAME_ADDR = 6  # the receiver's baseline copy of this VM at this address
     BASE_CONTENT = 7  # u64 fingerprint + 16-byte keyed tag of baseline content
+    BASE_DELTA = 8  # sparse delta against the receiver's baseline copy at this address
 
 
 class ChunkKind(enum.IntEnum):
