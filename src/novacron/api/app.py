@@ -47,8 +47,8 @@ def _declared(app: FastAPI) -> list[APIRoute]:
     # mounted hold the APIRoute objects themselves (paths include each router's own prefix, which is
     # why routers take their prefix in APIRouter(prefix=...), never in include_router).
     routes = [r for r in app.routes if isinstance(r, APIRoute)]
-    state = app.state.novacron
-    if isinstance(state, AppState):
+    state = getattr(app.state, "novacron", None)
+    if isinstance(state, AppState | _RoutersOnly):
         routes += [r for router in state.routers for r in router.routes if isinstance(r, APIRoute)]
     unique: dict[int, APIRoute] = {id(r): r for r in routes}
     return list(unique.values())
@@ -116,13 +116,28 @@ def create_app(
     return app
 
 
-def access_table_markdown(app: FastAPI) -> str:
+def route_matrix(extra_routers: Iterable[APIRouter] = ()) -> list[RouteInfo]:
+    """The routes ``create_app`` would serve, with their access, without building any service."""
+    app = FastAPI()
+    routers = (*ROUTERS, *extra_routers)
+    for router in routers:
+        app.include_router(router)
+    app.state.novacron = _RoutersOnly(routers)
+    return api_routes(app)
+
+
+@dataclass(frozen=True)
+class _RoutersOnly:
+    routers: Sequence[APIRouter]
+
+
+def access_table_markdown(routes: Sequence[RouteInfo]) -> str:
     """The authorization matrix as a Markdown table (docs/api.md embeds it)."""
     lines = [
         "| method | path | action | minimal role | " + " | ".join(ROLES) + " |",
         "|---|---|---|---|" + "---|" * len(ROLES),
     ]
-    for r in api_routes(app):
+    for r in routes:
         cells = ["yes" if r.access.permits(role) else "-" for role in ROLES]
         lines.append(f"| {r.method} | `{r.path}` | {r.name} | {r.access.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -135,4 +150,5 @@ __all__ = [
     "api_routes",
     "build_services",
     "create_app",
+    "route_matrix",
 ]
