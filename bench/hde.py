@@ -283,8 +283,16 @@ class Hde:
         vm: str,
     ) -> None:
         view = BaselineView(baseline.summary(vm)) if baseline is not None else None
+        # The VM came from the receiver 60 s ago, so the sender's store holds the same copy; one store
+        # object stands for both hosts' stores here (same content, same read path).
+        peer = baseline.session(vm) if baseline is not None and vm == "vm-a" else None
         self.enc = HdeEncoder(
-            DefaultPageHasher(BENCH_KEY), HDE_LIMITS, baseline=view, cost=cost, arena=arenas[0]
+            DefaultPageHasher(BENCH_KEY),
+            HDE_LIMITS,
+            baseline=view,
+            cost=cost,
+            arena=arenas[0],
+            peer_copy=peer,
         )
         session = baseline.session(vm) if baseline is not None else None
         self.dec = HdeDecoder(HDE_LIMITS, baseline=session, arena=arenas[1])

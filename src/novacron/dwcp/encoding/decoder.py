@@ -134,9 +134,16 @@ class HdeDecoder:
         literals = r.take(int(counts[PageKind.LITERAL]) * PAGE_SIZE, "literal pages")
         r.finish()
 
-        out = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
         rows = [np.flatnonzero(kinds == k) for k in range(KIND_COUNT)]
-        out[rows[PageKind.LITERAL]] = literals.reshape(-1, PAGE_SIZE)
+        all_literal = rows[PageKind.LITERAL].shape[0] == n
+        if all_literal:
+            # Typical of a first pass: the literal section already is the batch, in order.
+            data = literals.tobytes()
+            out = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)
+        else:
+            out = np.empty((n, PAGE_SIZE), dtype=np.uint8)
+            out[rows[PageKind.ZERO]] = 0
+            out[rows[PageKind.LITERAL]] = literals.reshape(-1, PAGE_SIZE)
         block = self._cache.find_block(name)
         slots = self._cache.lookup(block, index) if block is not None else np.full(n, -1, dtype=np.int32)
         for kind in (PageKind.UNCHANGED, PageKind.DELTA):
@@ -171,13 +178,16 @@ class HdeDecoder:
             out[sel] = out[dup_src]
 
         offsets = index * np.uint64(PAGE_SIZE)
-        data = out.tobytes()
+        if not all_literal:
+            data = out.tobytes()
         got = checksum(
             [seq.to_bytes(8, "little"), name.encode(), offsets.astype("<u8").tobytes(), data, meta]
         )
         if got != h.checksum:
             raise HdeDecodeError("batch checksum mismatch: rebuilt pages differ", seq=seq, block=name)
-        zero = np.logical_not(out.view(np.uint64).any(axis=1))
+        # The encoder marks exactly the all-zero pages ZERO; a batch that lies about it only breaks
+        # its own later batches (their checksums), never the bytes returned.
+        zero = kinds == PageKind.ZERO
         self._cache.apply(self._cache.block_id(name), index, out, zero, seq)
         self._seq += 1
         return PageBatch(name, offsets, data, meta)

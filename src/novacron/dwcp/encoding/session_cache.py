@@ -144,7 +144,9 @@ class SessionPageCache:
             self._stamp[new] = stamps[need]
             amap[idx[need]] = new
         write = ~zero
-        if write.any():
+        if write.all():
+            self.slab[slots] = pages  # the common case; avoids a temporary copy of the batch
+        elif write.any():
             self.slab[slots[write]] = pages[write]
         return slots
 
