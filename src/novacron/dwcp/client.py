@@ -19,6 +19,7 @@ import ssl
 from novacron.dwcp.errors import (
     ConnectionLost,
     DwcpError,
+    HandshakeError,
     HandshakeTimeout,
     PeerCertificateError,
     error_fields,
@@ -33,7 +34,7 @@ from novacron.dwcp.negotiation import (
     VersionRange,
 )
 from novacron.dwcp.session import SessionInfo
-from novacron.dwcp.stream import Stream, StreamLimits, run_handshake
+from novacron.dwcp.stream import Stream, StreamLimits, describe_ssl_error, run_handshake
 from novacron.observability.log import log_event
 from novacron.security.errors import CertificateError
 from novacron.security.identity import NodeIdentity
@@ -70,7 +71,10 @@ async def _connect(
         ) from None
     except ssl.SSLError as exc:
         raise PeerCertificateError(
-            f"TLS handshake failed: {exc.reason or exc}", step="tls", address=address, tls_error=str(exc)
+            f"TLS handshake failed: {describe_ssl_error(exc)}",
+            step="tls",
+            address=address,
+            tls_error=str(exc),
         ) from exc
     except (ConnectionResetError, ConnectionAbortedError, EOFError) as exc:
         raise ConnectionLost(
@@ -81,14 +85,45 @@ async def _connect(
         ) from exc
     except OSError as exc:
         raise ConnectionLost(f"cannot connect: {exc}", step="connect", address=address) from exc
+    ssl_object = writer.get_extra_info("ssl_object")
     try:
-        peer = peer_identity(writer.get_extra_info("ssl_object"), tls.bundle)
+        ssl_object.getpeercert(binary_form=True)
+    except ValueError:
+        # The server's alert (it refused our certificate) arrived right behind its handshake and
+        # already broke the session: read it to say why.
+        failure = await _refusal_after_tls(reader, address, timeouts.welcome)
+        writer.transport.abort()
+        raise failure from None
+    try:
+        peer = peer_identity(ssl_object, tls.bundle)
     except CertificateError as exc:
         writer.transport.abort()
         raise PeerCertificateError(
             f"server certificate is not acceptable: {exc.message}", step="tls", address=address, **exc.context
         ) from exc
     return reader, writer, peer
+
+
+async def _refusal_after_tls(reader: asyncio.StreamReader, address: str, seconds: float) -> HandshakeError:
+    try:
+        async with asyncio.timeout(seconds):
+            data = await reader.read(1)
+    except ssl.SSLError as exc:
+        return PeerCertificateError(
+            f"TLS session rejected: {describe_ssl_error(exc)}",
+            step="welcome",
+            address=address,
+            tls_error=str(exc),
+        )
+    except (OSError, TimeoutError) as exc:
+        return ConnectionLost(
+            f"TLS session failed right after the handshake: {exc}", step="welcome", address=address
+        )
+    return ConnectionLost(
+        f"TLS session failed right after the handshake ({len(data)} bytes readable)",
+        step="welcome",
+        address=address,
+    )
 
 
 async def _handshake(

@@ -50,7 +50,14 @@ from novacron.dwcp.ratelimit import (
     AttemptLimiter,
 )
 from novacron.dwcp.session import SessionLimits, SessionTable
-from novacron.dwcp.stream import DEFAULT_CLOSE_TIMEOUT, Stream, StreamLimits, run_handshake
+from novacron.dwcp.stream import (
+    DEFAULT_CLOSE_TIMEOUT,
+    Stream,
+    StreamLimits,
+    describe_ssl_error,
+    run_handshake,
+)
+from novacron.dwcp.tls_accept import accept_tls
 from novacron.observability.log import log_event
 from novacron.security.errors import CertificateError
 from novacron.security.tls import TlsConfig, peer_identity
@@ -305,27 +312,24 @@ class DwcpServer:
     async def _accept(self, conn: socket.socket, address: str) -> tuple[asyncio.Transport, Stream]:
         tls = self._tls
         t = self.timeouts.tls
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=self.stream_limits.read_buffer)
-        protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            transport, _ = await asyncio.wait_for(
-                loop.connect_accepted_socket(
-                    lambda: protocol, conn, ssl=tls.server, ssl_handshake_timeout=t * 2
-                ),
-                t,
+            reader, writer = await accept_tls(
+                conn, tls.server, seconds=t, read_buffer=self.stream_limits.read_buffer
             )
         except TimeoutError:
             raise HandshakeTimeout(f"no TLS handshake within {t:g} s", step="tls", address=address) from None
         except ssl.SSLError as exc:
             raise PeerCertificateError(
-                f"TLS handshake failed: {exc.reason or exc}", step="tls", address=address, tls_error=str(exc)
+                f"TLS handshake failed: {describe_ssl_error(exc)}",
+                step="tls",
+                address=address,
+                tls_error=str(exc),
             ) from exc
         except (OSError, EOFError) as exc:
             raise ConnectionLost(f"connection lost during TLS: {exc}", step="tls", address=address) from exc
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        transport = writer.transport
         try:
-            return transport, await self._handshake(reader, writer, address, tls)
+            return transport, await self._handshake(reader, writer, address, tls)  # type: ignore[return-value]
         except BaseException:
             transport.abort()
             raise

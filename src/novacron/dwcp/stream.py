@@ -254,13 +254,26 @@ class Stream:
         await self.close()
 
 
+def describe_ssl_error(exc: ssl.SSLError) -> str:
+    """The useful part of an OpenSSL error: the verification failure, or the alert received."""
+    verify = getattr(exc, "verify_message", None)
+    if verify:
+        return f"certificate verify failed: {verify}"
+    reason = exc.reason or str(exc)
+    # e.g. SSLV3_ALERT_CERTIFICATE_EXPIRED -> "peer sent alert: certificate expired"
+    for prefix in ("SSLV3_ALERT_", "TLSV1_ALERT_", "TLSV13_ALERT_"):
+        if reason.startswith(prefix):
+            return "peer sent alert: " + reason[len(prefix) :].lower().replace("_", " ")
+    return reason
+
+
 def _tls_failure(exc: BaseException, step: str, address: str) -> HandshakeError:
     """What a socket error during the handshake means for the user."""
     if isinstance(exc, ssl.SSLError):
         # Under TLS 1.3 a client learns that the server rejected its certificate only here, on the
         # first read after the (apparently successful) TLS handshake.
         return PeerCertificateError(
-            f"TLS session rejected: {exc.reason or exc}", step=step, address=address, tls_error=str(exc)
+            f"TLS session rejected: {describe_ssl_error(exc)}", step=step, address=address, tls_error=str(exc)
         )
     return ConnectionLost(f"connection failed: {exc}", step=step, address=address)
 

@@ -80,7 +80,10 @@ def peer_identity_from_der(der: bytes, bundle: TrustBundle) -> NodeIdentity:
 
 
 def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket, bundle: TrustBundle) -> NodeIdentity:
-    der = ssl_object.getpeercert(binary_form=True)
+    try:
+        der = ssl_object.getpeercert(binary_form=True)
+    except ValueError as exc:  # the session broke right after the handshake (an alert arrived)
+        raise CertificateError("TLS session failed before the peer certificate could be read") from exc
     if not der:
         raise CertificateError("peer presented no certificate")
     return peer_identity_from_der(der, bundle)
