@@ -103,3 +103,19 @@ def test_cost_model_explores_now_and_then() -> None:
     sel = CodecSelector(CostModelConfig(explore_every=4))
     picks = [sel.choose(512 * 1024, 2.0) for _ in range(8)]
     assert sum(1 for p in picks if p[3]) == 2
+
+
+def test_cache_arena_is_reused_by_one_session_at_a_time() -> None:
+    from novacron.dwcp.encoding import CacheArena, DefaultPageHasher, HdeConfigError, HdeEncoder, HdeLimits
+
+    limits = HdeLimits(max_pages_per_batch=16, session_cache_bytes=64 * PAGE_SIZE)
+    arena = CacheArena(limits.session_pages, prefault=False)
+    first = HdeEncoder(DefaultPageHasher(bytes(32)), limits, arena=arena)
+    with pytest.raises(HdeConfigError):
+        HdeEncoder(DefaultPageHasher(bytes(32)), limits, arena=arena)  # still in use
+    first.close()
+    second = HdeEncoder(DefaultPageHasher(bytes(32)), limits, arena=arena)  # stale contents never read
+    assert second.next_seq == 0
+    second.close()
+    with pytest.raises(HdeConfigError):
+        HdeEncoder(DefaultPageHasher(bytes(32)), HdeLimits(max_pages_per_batch=16), arena=arena)
