@@ -14,8 +14,10 @@ from novacron.security.tokens import NAME_PATTERN as TOKEN_NAME_PATTERN
 from novacron.security.tokens import TokenLimits
 
 MAX_MEMORY_MIB = 1 << 20  # 1 TiB: the schema's bound; the host's own limit is checked on create
-MAX_PATH_CHARS = 4096
-PROFILE_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
+MAX_PATH_CHARS = 4095  # PATH_MAX less the terminator
+MAX_NAME_BYTES = 255  # NAME_MAX
+ProfileName = Literal["test", "default"]  # the image profiles (a test checks this against PROFILES)
+HOST_PATH_PATTERN = r"^/[\x21-\x7e]*$"  # absolute: a server has no useful working directory
 _TOKEN_LIMITS = TokenLimits()
 
 
@@ -37,11 +39,14 @@ class VMCreate(_Request):
     """A new VM: the test guest image of ``profile`` (the default), or a ``kernel`` of the host."""
 
     name: str = Field(pattern=NAME_PATTERN, max_length=63)
-    profile: str | None = Field(default=None, pattern=PROFILE_PATTERN, description="image profile (test)")
+    profile: ProfileName | None = Field(default=None, description="test guest image profile (test)")
     kernel: str | None = Field(
-        default=None, min_length=1, max_length=MAX_PATH_CHARS, description="host path; needs admin"
+        default=None,
+        max_length=MAX_PATH_CHARS,
+        pattern=HOST_PATH_PATTERN,
+        description="absolute host path; needs admin",
     )
-    initrd: str | None = Field(default=None, min_length=1, max_length=MAX_PATH_CHARS)
+    initrd: str | None = Field(default=None, max_length=MAX_PATH_CHARS, pattern=HOST_PATH_PATTERN)
     cmdline: str | None = Field(default=None, max_length=MAX_CMDLINE_BYTES - 1, pattern=r"^[\x20-\x7e]*$")
     vcpus: int | None = Field(default=None, ge=1, le=MAX_VCPUS)
     memory_mib: int | None = Field(default=None, ge=MIN_VM_MEMORY_MIB, le=MAX_MEMORY_MIB)
@@ -56,6 +61,14 @@ class VMCreate(_Request):
     def _kernel_or_profile(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and info.data.get("profile") is not None:
             raise ValueError("give either an image profile or a kernel, not both")
+        return value
+
+    @field_validator("kernel", "initrd")
+    @classmethod
+    def _path_fits_the_filesystem(cls, value: str | None) -> str | None:
+        # Longer names cannot exist; checking here keeps the OS's ENAMETOOLONG out of the spec check.
+        if value is not None and any(len(part.encode()) > MAX_NAME_BYTES for part in value.split("/")):
+            raise ValueError(f"a path component is longer than {MAX_NAME_BYTES} bytes")
         return value
 
     @field_validator("initrd", "cmdline")

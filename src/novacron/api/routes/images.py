@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Path
+from fastapi import APIRouter
 
 from novacron.api.deps import Viewer
 from novacron.api.errors import ERROR_RESPONSES
-from novacron.api.models import PROFILE_PATTERN, ImageOut
+from novacron.api.models import ImageOut, ProfileName
 from novacron.errors import NotFoundError
 from novacron.image import PROFILES, find_image, get_profile
 
 router = APIRouter(prefix="/v1/images", tags=["images"], responses=ERROR_RESPONSES)
-
-ProfileArg = Annotated[str, Path(pattern=PROFILE_PATTERN, max_length=32)]
 
 
 class ImageProfileNotFound(NotFoundError):
@@ -51,5 +47,5 @@ async def list_images(_: Viewer) -> list[ImageOut]:
 
 
 @router.get("/{profile}", name="image.show")
-async def show_image(profile: ProfileArg, _: Viewer) -> ImageOut:
+async def show_image(profile: ProfileName, _: Viewer) -> ImageOut:
     return _image(profile)
