@@ -23,7 +23,23 @@ from novacron.hypervisor.spec import VMSpec, parse_spec
 from novacron.image import GuestImage, find_image
 
 READY_PATTERN = r"NOVACRON-READY\b"
+# Lines the guest prints when its workload cannot run: waiting for READY ends at once.
+_READY_OR_FAILURE = r"NOVACRON-(READY\b|WORKLOAD-ERROR|WORKLOAD-EXITED)"
 DEFAULT_READY_TIMEOUT_S = 120.0
+
+
+class GuestBootError(NovacronError):
+    """The test guest's workload failed to start (its own error line says why)."""
+
+
+async def wait_guest_ready(
+    console_log: Path, *, since: int, timeout_s: float, vm: str | None
+) -> ConsoleMatch:
+    """Wait for the READY marker after byte ``since`` of ``console_log``; fail fast on a workload error."""
+    found = await wait_for_line(console_log, _READY_OR_FAILURE, timeout_s=timeout_s, since=since, vm=vm)
+    if not found.line.startswith("NOVACRON-READY"):
+        raise GuestBootError("the test guest's workload failed", vm=vm, line=found.line)
+    return found
 
 
 @dataclass(frozen=True)
@@ -77,17 +93,14 @@ async def boot_test_guest(
 ) -> AsyncIterator[BootedGuest]:
     image = find_image(profile)
     drv = driver or QemuDriver(root)
-    spec = await drv.define(
-        guest_spec(name, image, accel=accel, memory_mib=memory_mib, workload=workload)
-    )
+    spec = await drv.define(guest_spec(name, image, accel=accel, memory_mib=memory_mib, workload=workload))
     control = GuestControl(drv.run_dir(name).control_socket, vm=name)
     try:
         started = time.monotonic()
         await drv.start(name)
-        ready = await wait_for_line(
-            drv.run_dir(name).console_log, READY_PATTERN, timeout_s=ready_timeout_s,
-            since=drv.console_offset(name), vm=name,
-        )  # fmt: skip
+        ready = await wait_guest_ready(
+            drv.run_dir(name).console_log, since=drv.console_offset(name), timeout_s=ready_timeout_s, vm=name
+        )
         boot_s = time.monotonic() - started
         await control.connect()
         yield BootedGuest(name, drv, control, ready, boot_s, image, spec)

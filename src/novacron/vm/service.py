@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from novacron.errors import NovacronError
+from novacron.guest.boot import wait_guest_ready
 from novacron.guest.control import GuestControl
-from novacron.hypervisor.console import ConsoleMatch, wait_for_line
+from novacron.hypervisor.console import ConsoleMatch
 from novacron.hypervisor.driver import StopMode, VMState, VMStatus
 from novacron.hypervisor.errors import VMStateError
 from novacron.hypervisor.qemu import QemuDriver
@@ -28,8 +29,6 @@ from novacron.store.base import KeyValueStore
 from novacron.store.inventory import Inventory, VMAlreadyExists, VMNotFound, VMRecord
 
 log = logging.getLogger("novacron.vm.service")
-
-READY_PATTERN = r"NOVACRON-READY\b"
 
 
 def local_node_name() -> str:
@@ -191,9 +190,8 @@ class VMService:
         """Wait for the test guest's READY marker in this run's console output."""
         await self.inventory.get(name)
         rd = self.driver.run_dir(name)
-        return await wait_for_line(
+        return await wait_guest_ready(
             rd.console_log,
-            READY_PATTERN,
             timeout_s=timeout_s or self.limits.ready_timeout_s,
             since=self.driver.console_offset(name),
             vm=name,
