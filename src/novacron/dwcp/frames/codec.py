@@ -46,6 +46,8 @@ from novacron.dwcp.frames.messages import (
 from novacron.dwcp.frames.schema import check_value
 
 Payload = bytes | bytearray | memoryview
+_Header = tuple[int, FrameSpec, int, int, int]  # bytes after the header, spec, flags, channel, body length
+_SPECS: dict[int, FrameSpec] = {int(code): spec for code, spec in REGISTRY.items()}
 
 _UNPACK_OPTIONS: dict[str, Any] = {
     "raw": False,
@@ -128,7 +130,10 @@ def encode_body(spec: FrameSpec, body: Message) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)  # type: ignore[no-any-return]
 
 
-def decode_body(spec: FrameSpec, data: Payload, **ctx: Any) -> Message:
+def decode_body(
+    spec: FrameSpec, data: Payload, offset: int | None = None, channel: int | None = None
+) -> Message:
+    """Decode and check a body; ``offset``/``channel`` only go into error context."""
     name = spec.name
     try:
         raw = msgpack.unpackb(data, **_UNPACK_OPTIONS)
@@ -137,14 +142,16 @@ def decode_body(spec: FrameSpec, data: Payload, **ctx: Any) -> Message:
             f"malformed {name} body: not a valid msgpack value ({exc})",
             what=ProtocolErrorKind.MALFORMED,
             frame=name,
-            **ctx,
+            offset=offset,
+            channel=channel,
         ) from None
     if not isinstance(raw, dict):
         raise ProtocolError(
             f"malformed {name} body: expected a map, got {type(raw).__name__}",
             what=ProtocolErrorKind.MALFORMED,
             frame=name,
-            **ctx,
+            offset=offset,
+            channel=channel,
         )
     kwargs: dict[str, Any] = {}
     by_number = spec.by_number
@@ -155,17 +162,18 @@ def decode_body(spec: FrameSpec, data: Payload, **ctx: Any) -> Message:
             try:
                 kwargs[f.name] = check_value(name, f, value)
             except ProtocolError as exc:
-                exc.context.update(ctx)
+                exc.context.update(offset=offset, channel=channel)
                 raise
-    for f in spec.fields:
-        if f.required and f.name not in kwargs:
-            raise ProtocolError(
-                f"malformed {name} body: required field {f.name} ({f.number}) is missing",
-                what=ProtocolErrorKind.MALFORMED,
-                frame=name,
-                field=f.name,
-                **ctx,
-            )
+    if not spec.required <= kwargs.keys():
+        missing = next(f for f in spec.fields if f.required and f.name not in kwargs)
+        raise ProtocolError(
+            f"malformed {name} body: required field {missing.name} ({missing.number}) is missing",
+            what=ProtocolErrorKind.MALFORMED,
+            frame=name,
+            field=missing.name,
+            offset=offset,
+            channel=channel,
+        )
     body: Message = spec.body(**kwargs)
     return body
 
@@ -224,10 +232,11 @@ class FrameDecoder:
 
     def __init__(self, max_frame_size: int = HANDSHAKE_MAX_FRAME_SIZE) -> None:
         self.max_frame_size = check_max_frame_size(max_frame_size)
-        self._pending: deque[memoryview] = deque()
+        self._pending: deque[memoryview] = deque()  # inputs not yet decoded ...
+        self._pos = 0  # ... of which the first is consumed up to here
         self._pending_bytes = 0
         self._head = bytearray()  # a header split across inputs
-        self._header: tuple[int, FrameSpec, int, int, int] | None = None  # rest, spec, flags, channel, body
+        self._header: _Header | None = None  # parsed header of the frame being completed
         self._asm: bytearray | None = None  # a frame split across inputs
         self._asm_fill = 0
         self._consumed = 0  # stream offset of the next byte to decode (for error context)
@@ -298,28 +307,48 @@ class FrameDecoder:
 
     def _take(self, n: int) -> memoryview:
         """Up to ``n`` bytes from the front of the pending input (a view, no copy)."""
-        chunk = self._pending[0]
-        if len(chunk) <= n:
+        chunk, pos = self._pending[0], self._pos
+        end = min(pos + n, len(chunk))
+        piece = chunk[pos:end]
+        if end == len(chunk):
             self._pending.popleft()
-            piece = chunk
+            self._pos = 0
         else:
-            piece = chunk[:n]
-            self._pending[0] = chunk[n:]
-        self._pending_bytes -= len(piece)
-        self._consumed += len(piece)
+            self._pos = end
+        taken = end - pos
+        self._pending_bytes -= taken
+        self._consumed += taken
         return piece
 
     def _next(self) -> Frame | None:
+        # Fast path: a whole frame inside the first input (the common case for control frames).
+        if self._header is None and not self._head and self._pending:
+            chunk, pos = self._pending[0], self._pos
+            if len(chunk) - pos >= HEADER_SIZE:
+                self._frame_offset = self._consumed
+                fast = self._check_header(HEADER.unpack_from(chunk, pos))
+                end = pos + HEADER_SIZE + fast[0]
+                if end <= len(chunk):  # consume header and frame in one step
+                    view = chunk[pos + HEADER_SIZE : end]
+                    if end == len(chunk):
+                        self._pending.popleft()
+                        self._pos = 0
+                    else:
+                        self._pos = end
+                    self._pending_bytes -= end - pos
+                    self._consumed += end - pos
+                    return self._finish(view, fast)
+                self._take(HEADER_SIZE)
+                self._header = fast
         header = self._header if self._header is not None else self._read_header()
         if header is None:
             self._check_truncated()
             return None
-        rest, spec, flags, channel, body_len = header
+        rest = header[0]
         if self._asm is None:
-            if self._pending and len(self._pending[0]) >= rest:
-                view = self._take(rest)  # whole frame inside one input: zero copy
+            if self._pending and len(self._pending[0]) - self._pos >= rest:
                 self._header = None
-                return self._finish(view, spec, flags, channel, body_len)
+                return self._finish(self._take(rest), header)  # rest of the frame in one input
             self._asm = bytearray(rest)
             self._asm_fill = 0
         while self._asm_fill < rest and self._pending:
@@ -332,7 +361,7 @@ class FrameDecoder:
         view = memoryview(self._asm)
         self._asm = None
         self._header = None
-        return self._finish(view, spec, flags, channel, body_len)
+        return self._finish(view, header)
 
     def _check_truncated(self) -> None:
         if self._eof and not self.is_idle:
@@ -343,23 +372,20 @@ class FrameDecoder:
                 buffered=self.buffered_bytes,
             )
 
-    def _read_header(self) -> tuple[int, FrameSpec, int, int, int] | None:
-        if not self._head and self._pending and len(self._pending[0]) >= HEADER_SIZE:
+    def _read_header(self) -> _Header | None:
+        """A header that may be split across inputs (copied into a 16-byte buffer)."""
+        if not self._head:
             self._frame_offset = self._consumed
-            fields = HEADER.unpack_from(self._take(HEADER_SIZE))
-        else:
-            if not self._head:
-                self._frame_offset = self._consumed
-            while len(self._head) < HEADER_SIZE and self._pending:
-                self._head += self._take(HEADER_SIZE - len(self._head))
-            if len(self._head) < HEADER_SIZE:
-                return None
-            fields = HEADER.unpack(self._head)
-            self._head = bytearray()
+        while len(self._head) < HEADER_SIZE and self._pending:
+            self._head += self._take(HEADER_SIZE - len(self._head))
+        if len(self._head) < HEADER_SIZE:
+            return None
+        fields = HEADER.unpack(self._head)
+        self._head = bytearray()
         self._header = self._check_header(fields)
         return self._header
 
-    def _check_header(self, fields: tuple[int, ...]) -> tuple[int, FrameSpec, int, int, int]:
+    def _check_header(self, fields: tuple[int, ...]) -> _Header:
         frame_len, fmt, ftype, flags, channel, body_len = fields
         offset = self._frame_offset
         total = frame_len + LENGTH_PREFIX_SIZE
@@ -381,7 +407,7 @@ class FrameDecoder:
                 what=ProtocolErrorKind.VERSION,
                 offset=offset,
             )
-        spec = REGISTRY.get(ftype)  # type: ignore[call-overload]
+        spec = _SPECS.get(ftype)
         if spec is None:
             raise ProtocolError(
                 f"unknown frame type {ftype:#04x}", what=ProtocolErrorKind.UNKNOWN_TYPE, offset=offset
@@ -404,7 +430,8 @@ class FrameDecoder:
         _check_envelope(spec, channel, flags, rest - body_len, offset=offset)
         return rest, spec, flags, channel, body_len
 
-    def _finish(self, view: memoryview, spec: FrameSpec, flags: int, channel: int, body_len: int) -> Frame:
-        body = decode_body(spec, view[:body_len], offset=self._frame_offset, channel=channel)
+    def _finish(self, view: memoryview, header: _Header) -> Frame:
+        _, spec, flags, channel, body_len = header
+        body = decode_body(spec, view[:body_len], self._frame_offset, channel)
         payload: Payload = view[body_len:] if len(view) > body_len else b""
         return Frame(body=body, channel=channel, flags=flags, payload=payload)

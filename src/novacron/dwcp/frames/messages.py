@@ -181,17 +181,18 @@ class FrameSpec:
     channel: ChannelRule = ChannelRule.CONTROL
     payload: bool = False
     flags: int = 0
+    # Derived once, used per frame by the codec:
+    name: str = field(init=False, compare=False)
     by_number: dict[int, Field] = field(init=False, repr=False, compare=False)
+    required: frozenset[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         numbers = [f.number for f in self.fields]
         if len(set(numbers)) != len(numbers):
             raise ValueError(f"duplicate field number in {self.frame_type.name}")
+        object.__setattr__(self, "name", self.frame_type.name)
         object.__setattr__(self, "by_number", {f.number: f for f in self.fields})
-
-    @property
-    def name(self) -> str:
-        return self.frame_type.name
+        object.__setattr__(self, "required", frozenset(f.name for f in self.fields if f.required))
 
 
 def _caps_fields(start: int) -> tuple[Field, ...]:
