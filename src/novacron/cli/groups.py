@@ -19,4 +19,5 @@ def all_groups() -> list[tuple[str, typer.Typer, str]]:
     groups.append(("vm", _load("novacron.cli.vm"), "Create, run and inspect VMs on this host."))
     groups.append(("image", _load("novacron.cli.image"), "Build and inspect the test guest image."))
     groups.append(("pki", _load("novacron.cli.pki"), "Cluster CA, node certificates and trust bundles."))
+    groups.append(("demo", _load("novacron.cli.demo"), "Boot the test guest and show its workload live."))
     return groups
