@@ -309,3 +309,19 @@ def test_client_config_is_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     os.chmod(path, 0o644)
     with pytest.raises(ClientConfigError, match="must be private"):
         load_config(path)
+
+
+def test_tcp_listener_disables_nagle() -> None:
+    """Without TCP_NODELAY each answer waits ~40 ms for a delayed ACK (uvicorn writes head and body
+    separately); asyncio sets it on accepted sockets only for sockets created with proto TCP."""
+    import socket
+
+    from novacron.api.server import bind_listeners
+
+    bound = bind_listeners(Listen(tcp_host="127.0.0.1", tcp_port=0))
+    try:
+        assert bound.tcp is not None
+        assert bound.tcp.proto == socket.IPPROTO_TCP
+        assert bound.tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        bound.close()
