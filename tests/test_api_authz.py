@@ -147,3 +147,12 @@ async def test_a_route_without_an_access_declaration_is_refused(tmp_path: Path) 
         async with api_harness(tmp_path, extra_routers=[rogue]):
             pass
     assert info.value.context["path"] == "/v1/rogue"
+
+
+def test_docs_matrix_is_current() -> None:
+    """docs/api.md embeds the matrix; regenerate it with `novacron api routes --markdown`."""
+    from novacron.api.app import access_table_markdown
+
+    doc = (Path(__file__).parent.parent / "docs" / "api.md").read_text()
+    embedded = doc.split("<!-- matrix:begin -->\n", 1)[1].split("<!-- matrix:end -->", 1)[0]
+    assert embedded == access_table_markdown(ROUTES)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -93,7 +94,7 @@ def routes(
     """Every API route with the minimal role it needs (the authorization matrix)."""
     matrix = route_matrix()
     if markdown:
-        console.print(access_table_markdown(matrix), highlight=False, markup=False, end="")
+        sys.stdout.write(access_table_markdown(matrix))  # not rich: it would wrap long rows
         return
     rows = [{"method": r.method, "path": r.path, "action": r.name, "role": r.access.label}
             for r in matrix]  # fmt: skip
