@@ -81,4 +81,14 @@ async def test_timed_store_records_latency_and_errors(tmp_path: Path) -> None:
     with pytest.raises(StoreLimitError):
         await store.put("", b"v")
     assert sample("novacron_store_errors_total", backend="sqlite-test", op="put", type="StoreLimitError") == 1
+    lease = await store.lease_grant(5)
+    await store.put("/leased", b"v", lease=lease.id)
+    assert (await store.get("/leased")).lease == lease.id  # type: ignore[union-attr]
+    assert await store.lease_ttl(lease.id) is not None
+    await store.lease_revoke(lease.id)
+    assert await store.get("/leased") is None
+    assert (
+        sample("novacron_store_operation_duration_seconds_count", backend="sqlite-test", op="lease_revoke")
+        == 1
+    )
     await store.close()

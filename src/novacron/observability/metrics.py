@@ -17,7 +17,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.exposition import generate_latest
 
 from novacron.errors import UserError
-from novacron.store.base import MAX_RANGE_RESULTS, Compare, Entry, KeyValueStore, Op, TxnResult
+from novacron.store.base import (
+    MAX_RANGE_RESULTS,
+    NO_LEASE,
+    Compare,
+    Entry,
+    KeyValueStore,
+    Lease,
+    Op,
+    TxnResult,
+)
 
 T = TypeVar("T")
 
@@ -25,7 +34,10 @@ REGISTRY: Final = CollectorRegistry(auto_describe=True)
 
 MODES: Final = ("datacenter", "hybrid", "internet")
 MIGRATION_OUTCOMES: Final = ("completed", "failed", "cancelled", "rolled_back")
-STORE_OPS: Final = ("get", "put", "delete", "range", "txn", "revision")
+STORE_OPS: Final = (
+    "get", "put", "delete", "range", "txn", "revision",
+    "lease_grant", "lease_keepalive", "lease_revoke", "lease_ttl",
+)  # fmt: skip
 UNMATCHED_ROUTE: Final = "<unmatched>"
 
 # Buckets: migrations run from under a second (small VM, datacenter) to many minutes (internet).
@@ -220,8 +232,12 @@ class TimedStore:
     async def get(self, key: str) -> Entry | None:
         return await self._timed("get", lambda: self.inner.get(key))
 
-    async def put(self, key: str, value: bytes, *, expect_revision: int | None = None) -> int:
-        return await self._timed("put", lambda: self.inner.put(key, value, expect_revision=expect_revision))
+    async def put(
+        self, key: str, value: bytes, *, expect_revision: int | None = None, lease: int = NO_LEASE
+    ) -> int:
+        return await self._timed(
+            "put", lambda: self.inner.put(key, value, expect_revision=expect_revision, lease=lease)
+        )
 
     async def delete(self, key: str, *, expect_revision: int | None = None) -> bool:
         return await self._timed("delete", lambda: self.inner.delete(key, expect_revision=expect_revision))
@@ -236,6 +252,18 @@ class TimedStore:
 
     async def revision(self) -> int:
         return await self._timed("revision", self.inner.revision)
+
+    async def lease_grant(self, ttl: int) -> Lease:
+        return await self._timed("lease_grant", lambda: self.inner.lease_grant(ttl))
+
+    async def lease_keepalive(self, lease_id: int) -> int:
+        return await self._timed("lease_keepalive", lambda: self.inner.lease_keepalive(lease_id))
+
+    async def lease_revoke(self, lease_id: int) -> None:
+        await self._timed("lease_revoke", lambda: self.inner.lease_revoke(lease_id))
+
+    async def lease_ttl(self, lease_id: int) -> int | None:
+        return await self._timed("lease_ttl", lambda: self.inner.lease_ttl(lease_id))
 
     async def close(self) -> None:
         await self.inner.close()
