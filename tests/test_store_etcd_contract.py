@@ -19,7 +19,7 @@ from novacron.store import CasFailed, Compare, Delete, KeyValueStore, Put, Store
 from novacron.store.base import MAX_TXN_OPS, LeaseNotFound
 from novacron.store.etcd import EtcdStore
 from novacron.store.sqlite import SqliteStore
-from novacron.testing.etcd import EtcdCluster, ManualClock, wait_for_delete
+from novacron.testing.etcd import LazyEtcdCluster, ManualClock, wait_for_delete
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -33,30 +33,17 @@ class Backend:
     expire: Callable[[str, int, int], Awaitable[None]]
 
 
-class LazyEtcd:
-    """One etcd server for the module, started only if an etcd-backed test runs."""
-
-    def __init__(self) -> None:
-        self.cluster: EtcdCluster | None = None
-
-    async def get(self) -> EtcdCluster:
-        if self.cluster is None:
-            self.cluster = EtcdCluster(1)
-            await self.cluster.start()
-        return self.cluster
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def lazy_etcd() -> AsyncIterator[LazyEtcd]:
-    lazy = LazyEtcd()
+async def lazy_etcd() -> AsyncIterator[LazyEtcdCluster]:
+    """One etcd server for the module, started only if an etcd-backed test runs."""
+    lazy = LazyEtcdCluster(1)
     yield lazy
-    if lazy.cluster is not None:
-        await lazy.cluster.stop()
+    await lazy.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="module", params=["sqlite", pytest.param("etcd", marks=pytest.mark.etcd)])
 async def backend(
-    request: pytest.FixtureRequest, tmp_path: Path, lazy_etcd: LazyEtcd
+    request: pytest.FixtureRequest, tmp_path: Path, lazy_etcd: LazyEtcdCluster
 ) -> AsyncIterator[Backend]:
     if request.param == "sqlite":
         clock = ManualClock()

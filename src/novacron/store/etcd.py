@@ -68,6 +68,15 @@ class EtcdLimits:
     reconnect_backoff_max_ms: int = 1000  # gRPC's reconnect backoff to a member that went away
 
 
+@dataclass
+class EtcdStats:
+    """Counters of what the failover did (for tests, benchmarks and metrics)."""
+
+    not_sent: int = 0  # attempts that failed before reaching a member
+    ambiguous: int = 0  # attempts whose answer was lost after sending
+    failovers: int = 0  # switches to another member
+
+
 class Failure(enum.Enum):
     NOT_SENT = "not sent"  # the request cannot have been applied
     AMBIGUOUS = "ambiguous"  # it may have been applied
@@ -158,6 +167,7 @@ class EtcdStore:
         self._channels: list[Any | None] = [None] * len(self.endpoints)
         self._current = 0
         self._closed = False
+        self.stats = EtcdStats()
 
     # -- connection and retries ---------------------------------------------------------------------
 
@@ -203,7 +213,10 @@ class EtcdStore:
                         "etcd refused the request", op=what, code=code.name, reason=details, **ctx
                     ) from None
                 last = f"{self.endpoints[index]}: {code.name}: {details}"
-                if kind is Failure.AMBIGUOUS:
+                if kind is Failure.NOT_SENT:
+                    self.stats.not_sent += 1
+                else:
+                    self.stats.ambiguous += 1
                     if retry is Retry.NEVER_RESEND:
                         raise StoreOutcomeUnknown(
                             "etcd write outcome unknown (connection lost after sending)",
@@ -213,7 +226,9 @@ class EtcdStore:
                             **ctx,
                         ) from None
                     ambiguous = True
-            self._current = (index + 1) % len(self.endpoints)
+            if self._current == index and len(self.endpoints) > 1:
+                self._current = (index + 1) % len(self.endpoints)
+                self.stats.failovers += 1
             if attempt % len(self.endpoints) == 0 and attempt < self.limits.max_attempts:
                 await asyncio.sleep(backoff)  # retry backoff, not synchronisation: every member failed
                 backoff = min(backoff * 2, self.limits.backoff_max_s)

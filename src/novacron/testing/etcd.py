@@ -146,6 +146,35 @@ class EtcdCluster:
             raise EtcdHarnessConfigError("etcd member is still running", member=member.name)
         await self._launch(member, state="existing")
 
+    async def leader_index(self) -> int:
+        """Index of the member that is the Raft leader now, as the running members report it."""
+        for m in self.members:
+            if not m.running:
+                continue
+            channel = grpc.aio.insecure_channel(m.endpoint)
+            try:
+                status = await rpc.MaintenanceStub(channel).Status(
+                    rpc.StatusRequest(), timeout=STOP_TIMEOUT_S
+                )
+            except grpc.aio.AioRpcError:
+                continue
+            finally:
+                await channel.close()
+            ids = await self._member_ids(m)
+            if status.leader in ids:
+                return ids[status.leader]
+        raise EtcdHarnessError("no running etcd member reports a leader")
+
+    async def _member_ids(self, via: EtcdMember) -> dict[int, int]:
+        """etcd member id -> our index, matched by peer URL."""
+        channel = grpc.aio.insecure_channel(via.endpoint)
+        try:
+            resp = await rpc.ClusterStub(channel).MemberList(rpc.MemberListRequest(), timeout=STOP_TIMEOUT_S)
+        finally:
+            await channel.close()
+        by_url = {m.peer_url: i for i, m in enumerate(self.members)}
+        return {int(mem.ID): by_url[mem.peerURLs[0]] for mem in resp.members if mem.peerURLs}
+
     # -- internals ---------------------------------------------------------------------------------
 
     def _member(self, index: int) -> EtcdMember:
@@ -302,3 +331,24 @@ class ManualClock:
         if seconds < 0:
             raise EtcdHarnessConfigError("a clock cannot go back", seconds=seconds)
         self.now += seconds
+
+
+class LazyEtcdCluster:
+    """A cluster started on first use (a test module's etcd-backed cases share it; SQLite-only runs
+    never start etcd). Call ``stop()`` at the end."""
+
+    def __init__(self, size: int = 1) -> None:
+        self.size = size
+        self.cluster: EtcdCluster | None = None
+
+    async def get(self) -> EtcdCluster:
+        if self.cluster is None:
+            cluster = EtcdCluster(self.size)
+            await cluster.start()
+            self.cluster = cluster
+        return self.cluster
+
+    async def stop(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.stop()
+            self.cluster = None
