@@ -652,7 +652,7 @@ static void handle_command(int fd, char *line, const struct config *cfg) {
     }
 }
 
-static void run_control(const struct config *cfg) {
+static void run_control(const struct config *cfg, int ready_fd) {
     int fd = open("/dev/ttyS1", O_RDWR | O_NOCTTY);
     if (fd < 0) die("open /dev/ttyS1");
     struct termios t;
@@ -662,8 +662,12 @@ static void run_control(const struct config *cfg) {
         cfsetospeed(&t, B115200);
         t.c_cc[VMIN] = 1;
         t.c_cc[VTIME] = 0;
-        tcsetattr(fd, TCSANOW, &t);
+        tcsetattr(fd, TCSAFLUSH, &t);
     }
+    /* Only now may READY be printed: commands sent earlier would be lost or echoed. */
+    char one = 1;
+    if (write(ready_fd, &one, 1) != 1) die("control ready");
+    close(ready_fd);
     char line[MAX_LINE + 1];
     size_t len = 0;
     int overflow = 0;
@@ -700,7 +704,7 @@ static pid_t spawn(void (*fn)(void *), void *arg) {
 }
 
 struct pipes {
-    int tick[2], ack[2];
+    int tick[2], ack[2], ready[2];
     uint64_t seed;
     const struct config *cfg;
 };
@@ -715,7 +719,7 @@ static void dirtier_main(void *a) {
 }
 static void control_main(void *a) {
     struct pipes *p = a;
-    run_control(p->cfg);
+    run_control(p->cfg, p->ready[1]);
 }
 
 int main(void) {
@@ -745,12 +749,16 @@ int main(void) {
     set_rates(cfg.dirty_rate, cfg.dirty_bytes, cfg.rewrite_rate);
 
     struct pipes p = {.seed = seed, .cfg = &cfg};
-    if (pipe(p.tick) != 0 || pipe(p.ack) != 0) die("pipe");
+    if (pipe(p.tick) != 0 || pipe(p.ack) != 0 || pipe(p.ready) != 0) die("pipe");
     signal(SIGCHLD, SIG_DFL);
     boot_ms_at_ready = (uint64_t)(uptime_s() * 1000.0);
     spawn(ticker_main, &p);
     spawn(dirtier_main, &p);
     spawn(control_main, &p);
+    char ready_byte;
+    close(p.ready[1]);
+    if (read(p.ready[0], &ready_byte, 1) != 1) die("control process did not start");
+    close(p.ready[0]);
     say("NOVACRON-READY data_mib=%u data_bytes=%llu fs=%s ws_pages=%u rate=%u bytes=%u rewrite=%u "
         "uptime_ms=%llu\n",
         cfg.data_mib, (unsigned long long)data_bytes, fstype, ws_pages, cfg.dirty_rate, cfg.dirty_bytes,

@@ -270,8 +270,8 @@ class QemuDriver:
         client = QMPClient(name)
         try:
             await asyncio.wait_for(client.connect(str(rd.qmp_socket)), self.limits.qmp_connect_timeout_s)
-        except (TimeoutError, ConnectError, OSError) as exc:
-            with contextlib.suppress(Exception):
+        except (TimeoutError, ConnectError, OSError, EOFError) as exc:
+            with contextlib.suppress(LibQMPError, OSError, EOFError):
                 await client.disconnect()
             raise QMPError(
                 "cannot connect to QEMU's QMP socket",
@@ -282,7 +282,8 @@ class QemuDriver:
         try:
             yield client
         finally:
-            with contextlib.suppress(LibQMPError, OSError):
+            # After "quit" or a guest power-off QEMU closes the socket first: EOF is expected here.
+            with contextlib.suppress(LibQMPError, OSError, EOFError):
                 await client.disconnect()
 
     async def _execute(self, qmp: QMPClient, cmd: str, args: dict[str, Any] | None = None, *, vm: str) -> Any:
