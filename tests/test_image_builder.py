@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from novacron.image import ImageSettingError, find_image
+from novacron.image import ImageError, ImageSettingError, find_image
+from novacron.image.builder import _compile_workload, guest_source_dir
 from novacron.image.corpus import SLACK_BYTES, select_corpus
 from novacron.image.cpio import CpioWriter
 from novacron.image.model import GuestImage, ImageManifest
@@ -78,3 +79,17 @@ def test_find_image_tells_how_to_build(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("NOVACRON_CACHE_DIR", str(tmp_path))
     with pytest.raises(Exception, match="novacron image build --profile default"):
         find_image("default")
+
+
+def test_compiler_failure_is_reported_with_its_output(tmp_path: Path) -> None:
+    (tmp_path / "workload.c").write_text("int main(void) { return undefined_symbol; }\n")
+    with pytest.raises(ImageError, match="compiling the guest workload failed") as exc:
+        _compile_workload(tmp_path, tmp_path / "out")
+    assert "undefined_symbol" in str(exc.value.context["detail"])
+
+
+def test_guest_sources_missing_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NOVACRON_GUEST_SRC", str(tmp_path))
+    with pytest.raises(ImageError, match="guest sources not found") as exc:
+        guest_source_dir()
+    assert "workload.c" in exc.value.context["missing"]

@@ -249,17 +249,13 @@ def guest_status(name: NameArg, as_json: JsonOpt = False) -> None:
 @guest_app.command("verify")
 def guest_verify(name: NameArg, as_json: JsonOpt = False) -> None:
     """Verify every working-set page against its checksum (exit 1 if any is corrupted)."""
-
-    async def act(ctl: Any) -> dict[str, Any]:
-        return _asdict(await ctl.verify())
-
     result: dict[str, Any] = {}
 
-    async def keep(ctl: Any) -> dict[str, Any]:
-        result.update(await act(ctl))
+    async def act(ctl: Any) -> dict[str, Any]:
+        result.update(_asdict(await ctl.verify()))
         return result
 
-    _guest(name, as_json, keep)
+    _guest(name, as_json, act)
     if result.get("corrupted"):
         raise SystemExit(1)
 
