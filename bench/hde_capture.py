@@ -27,7 +27,7 @@ from novacron.paths import cache_dir
 
 CAPTURES = ("a-boot", "a-10s", "a-60s", "b-boot")
 WORKLOAD_SECONDS = (10.0, 60.0)
-BOOT_TIMEOUT_S = 600.0  # the default guest fills 320 MiB under TCG before READY
+BOOT_TIMEOUT_S = 300.0  # the default guest fills 320 MiB under TCG before READY
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,9 @@ class Capture:
     memory_bytes: int
 
 
-# The default profile's 768 MiB guest runs out of rootfs (tmpfs = half of RAM) while generating its
-# 320 MiB of data ("No space left on device", workload exits before READY); 1 GiB RAM fits the same data.
-MEMORY_MIB = {"default": 1024}
-
-
 def capture_dir(profile: str) -> Path:
     image = find_image(profile)
-    mib = MEMORY_MIB.get(profile, image.memory_mib)
-    return cache_dir() / "bench" / "hde" / f"{profile}-{image.manifest.content_hash[:16]}-{mib}m"
+    return cache_dir() / "bench" / "hde" / f"{profile}-{image.manifest.content_hash[:16]}"
 
 
 async def _snapshot(guest: BootedGuest, path: Path) -> None:
@@ -68,8 +62,7 @@ async def capture(profile: str = "default", *, log: bool = True) -> dict[str, Ca
     paths = {name: out_dir / f"{name}.ram" for name in CAPTURES}
     meta_path = out_dir / "capture.json"
     if not all(p.exists() for p in paths.values()):
-        mib = MEMORY_MIB.get(profile)
-        info: dict[str, object] = {"profile": profile, "memory_mib": mib or find_image(profile).memory_mib}
+        info: dict[str, object] = {"profile": profile, "memory_mib": find_image(profile).memory_mib}
         with tempfile.TemporaryDirectory(prefix="hde-bench-") as tmp:
             root = Path(tmp)
             async with boot_test_guest(

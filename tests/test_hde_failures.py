@@ -24,6 +24,7 @@ from novacron.dwcp.encoding import (
     HdeInputError,
     HdeLimits,
     HdeReferenceMissing,
+    HdeStreamBroken,
     PageBatch,
     PageKind,
 )
@@ -31,7 +32,7 @@ from novacron.dwcp.encoding.wire import HEADER_SIZE
 from novacron.errors import UserError
 from test_hde_support import KEY, CollidingHasher, batch, text_pages
 
-LIM = HdeLimits(session_cache_bytes=8 << 20)
+LIM = HdeLimits(session_cache_bytes=8 << 20, zstd_window_log=20)  # small stream windows: fast tests
 
 
 def stream(n_batches: int = 3) -> list[PageBatch]:
@@ -82,9 +83,18 @@ def test_corruption_never_yields_wrong_bytes(where: int, xor: int, which: int) -
     try:
         out = dec.decode(bytes(bad))
     except HdeDecodeError:
-        # Refused without a state change: the intact batch still decodes, and so do the later ones.
-        for w, b in zip(wires[which:], batches[which:], strict=True):
-            assert dec.decode(w) == b
+        # Either refused without a state change (the intact batch and the later ones decode), or the
+        # corrupt part had entered a zstd stream: then every later batch is refused too.
+        rest = list(zip(wires[which:], batches[which:], strict=True))
+        try:
+            assert dec.decode(rest[0][0]) == rest[0][1]
+        except HdeStreamBroken:
+            for w, _ in rest:
+                with pytest.raises(HdeStreamBroken):
+                    dec.decode(w)
+        else:
+            for w, b in rest[1:]:
+                assert dec.decode(w) == b
     else:
         assert out == batches[which]  # the flip hit a field that does not change the result
 
@@ -186,3 +196,19 @@ def test_summary_parsing_is_bounded() -> None:
     unsorted = BaselineSummary(content_fps=np.array([5, 1], dtype=np.uint64)).to_bytes()
     with pytest.raises(HdeDecodeError):
         BaselineSummary.from_bytes(unsorted)
+
+
+def test_stream_segment_bound_catches_bombs_before_inflating() -> None:
+    from novacron.dwcp.encoding.codecs import stream_segment_bound
+
+    header = (0xFD2FB528).to_bytes(4, "little") + bytes([0x00, 0x58])  # no size, window 2 MiB
+    rle = ((100_000 << 3) | (1 << 1)).to_bytes(3, "little") + b"\x00"  # 100 kB from one byte
+    bomb = header + rle * 1000
+    assert stream_segment_bound(bomb, first=True, max_window=8 << 20) == 100_000_000
+    last = (1 | (0 << 1) | (0 << 3)).to_bytes(3, "little")
+    with pytest.raises(HdeDecodeError, match="ends its frame"):
+        stream_segment_bound(header + last, first=True, max_window=8 << 20)
+    with pytest.raises(HdeDecodeError, match="window larger"):
+        stream_segment_bound(header, first=True, max_window=1 << 20)
+    with pytest.raises(HdeDecodeError, match="inside a block"):
+        stream_segment_bound(rle[:3], first=False, max_window=8 << 20)

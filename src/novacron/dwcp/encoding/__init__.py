@@ -21,6 +21,7 @@ from novacron.dwcp.encoding.errors import (
     HdeError,
     HdeInputError,
     HdeReferenceMissing,
+    HdeStreamBroken,
 )
 from novacron.dwcp.encoding.hashing import DefaultPageHasher, PageHasher
 from novacron.dwcp.encoding.limits import PAGE_SIZE, HdeLimits
@@ -52,6 +53,7 @@ __all__ = [
     "HdeInputError",
     "HdeLimits",
     "HdeReferenceMissing",
+    "HdeStreamBroken",
     "OpaqueChunk",
     "PageBatch",
     "PageHasher",

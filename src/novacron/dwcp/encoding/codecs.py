@@ -1,8 +1,16 @@
 """Block codecs a batch body can be sent with, and their bounded decoders.
 
-Every batch body is one independent frame: the decoder knows the exact uncompressed size from the batch
-header and refuses a frame that declares or produces anything else *before* allocating its output, so a
-hostile peer cannot make it inflate more than ``HdeLimits.max_body_bytes``.
+Two kinds of zstd: ``ZSTD`` bodies are independent frames; ``ZSTD_STREAM`` bodies are the next blocks
+of one endless zstd stream per level, kept by both sides for the whole session (a window of
+``2**zstd_window_log`` bytes with long-distance matching), so content repeated megabytes apart in
+guest memory still compresses, as in QEMU's streaming multifd-zstd, but with a larger window.
+
+Bounds: the decoder knows the exact uncompressed size from the batch header. A frame must declare that
+size (checked before inflating, since python-zstandard ignores ``max_output_size`` when a frame
+declares one); LZ4 inflates into a buffer of that size; a stream segment's block headers are walked
+first and the most it could inflate to must stay within ``2 * size + 1 MiB``. A stream segment that
+fails to decode leaves the stream out of step with the encoder's: the decoder then refuses every later
+batch (:class:`HdeStreamBroken`).
 """
 
 from __future__ import annotations
@@ -13,13 +21,17 @@ from dataclasses import dataclass
 import lz4.block
 import zstandard
 
-from novacron.dwcp.encoding.errors import HdeDecodeError
+from novacron.dwcp.encoding.errors import HdeDecodeError, HdeStreamBroken
+
+_BLOCK_MAX = 128 * 1024  # zstd's largest block
+_ZSTD_MAGIC = 0xFD2FB528
 
 
 class CodecId(enum.IntEnum):
     NONE = 0
     LZ4 = 1
     ZSTD = 2
+    ZSTD_STREAM = 3
 
 
 @dataclass(frozen=True, order=True)
@@ -33,7 +45,17 @@ class Codec:
     def name(self) -> str:
         if self.id is CodecId.ZSTD:
             return f"zstd-{self.level}"
+        if self.id is CodecId.ZSTD_STREAM:
+            return f"zstd-{self.level}s"
         return self.id.name.lower()
+
+    @property
+    def streamed(self) -> bool:
+        return self.id is CodecId.ZSTD_STREAM
+
+    def unstreamed(self) -> Codec:
+        """The same compression as an independent frame (for batches that must not touch a stream)."""
+        return Codec(CodecId.ZSTD, self.level) if self.streamed else self
 
 
 NONE = Codec(CodecId.NONE)
@@ -44,22 +66,41 @@ def zstd(level: int) -> Codec:
     return Codec(CodecId.ZSTD, level)
 
 
+def zstd_stream(level: int) -> Codec:
+    return Codec(CodecId.ZSTD_STREAM, level)
+
+
 ZSTD_LEVELS = range(-7, 20)
 
 
 class CodecBank:
-    """Reusable compression and decompression contexts (creating a zstd context per call costs more
-    than compressing a small batch). One bank per encoder or decoder; not thread-safe."""
+    """Compression and decompression contexts of one encoder or decoder; not thread-safe."""
 
-    def __init__(self, max_zstd_window: int) -> None:
+    def __init__(self, max_zstd_window: int, window_log: int = 23, ldm: bool = True) -> None:
         self._compressors: dict[int, zstandard.ZstdCompressor] = {}
+        self._streams: dict[int, zstandard.ZstdCompressionObj] = {}
+        self._dstreams: dict[int, zstandard.ZstdDecompressionObj] = {}
+        self._stream_started: set[int] = set()
+        self._max_window = max_zstd_window
+        self._window_log = window_log
+        self._ldm = ldm
         self._dctx = zstandard.ZstdDecompressor(max_window_size=max_zstd_window)
+        self.touched_stream = False
 
     def compress(self, codec: Codec, data: bytes | memoryview) -> bytes:
         if codec.id is CodecId.NONE:
             return bytes(data)
         if codec.id is CodecId.LZ4:
             return bytes(lz4.block.compress(data, store_size=False))
+        if codec.id is CodecId.ZSTD_STREAM:
+            cobj = self._streams.get(codec.level)
+            if cobj is None:
+                params = zstandard.ZstdCompressionParameters.from_level(
+                    codec.level, window_log=self._window_log, enable_ldm=self._ldm
+                )
+                cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()
+                self._streams[codec.level] = cobj
+            return bytes(cobj.compress(data) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
         cctx = self._compressors.get(codec.level)
         if cctx is None:
             cctx = zstandard.ZstdCompressor(level=codec.level, write_checksum=False)
@@ -67,11 +108,18 @@ class CodecBank:
         return bytes(cctx.compress(data))
 
     def decompress(self, codec: Codec, payload: bytes | memoryview, raw_len: int) -> bytes:
-        """Inflate to exactly ``raw_len`` bytes or raise :class:`HdeDecodeError`."""
+        """Inflate to exactly ``raw_len`` bytes or raise :class:`HdeDecodeError`.
+
+        ``touched_stream`` tells afterwards whether a zstd stream took this payload in (from then on
+        the batch cannot be refused without leaving that stream out of step).
+        """
+        self.touched_stream = False
         if codec.id is CodecId.NONE:
             if len(payload) != raw_len:
                 raise HdeDecodeError("stored body has the wrong size", size=len(payload), expected=raw_len)
             return bytes(payload)
+        if codec.id is CodecId.ZSTD_STREAM:
+            return self._decompress_stream(codec, payload, raw_len)
         try:
             if codec.id is CodecId.LZ4:
                 out = lz4.block.decompress(payload, uncompressed_size=raw_len)
@@ -89,3 +137,74 @@ class CodecBank:
         if len(out) != raw_len:
             raise HdeDecodeError("body inflated to the wrong size", size=len(out), expected=raw_len)
         return bytes(out)
+
+    def _decompress_stream(self, codec: Codec, payload: bytes | memoryview, raw_len: int) -> bytes:
+        first = codec.level not in self._stream_started
+        bound = stream_segment_bound(bytes(payload), first=first, max_window=self._max_window)
+        if bound > 2 * raw_len + (1 << 20):
+            raise HdeDecodeError("zstd stream segment could inflate too far", bound=bound, expected=raw_len)
+        dobj = self._dstreams.get(codec.level)
+        if dobj is None:
+            # One decompressor per stream: decompressobjs of one ZstdDecompressor share its context.
+            dctx = zstandard.ZstdDecompressor(max_window_size=self._max_window)
+            dobj = dctx.decompressobj()
+            self._dstreams[codec.level] = dobj
+        self._stream_started.add(codec.level)
+        self.touched_stream = True
+        try:
+            out = dobj.decompress(payload)
+        except zstandard.ZstdError as exc:
+            raise HdeStreamBroken("corrupt zstd stream segment", codec=codec.name, detail=str(exc)) from exc
+        if len(out) != raw_len:
+            raise HdeStreamBroken(
+                "stream segment inflated to the wrong size", size=len(out), expected=raw_len
+            )
+        return bytes(out)
+
+
+def stream_segment_bound(seg: bytes, *, first: bool, max_window: int) -> int:
+    """Most bytes a run of complete zstd blocks (led by the frame header if ``first``) can produce.
+
+    Raises :class:`HdeDecodeError` for anything but complete, non-final blocks: an HDE stream never
+    ends its frame, and a segment must decode completely on its own.
+    """
+    pos, block_max = 0, _BLOCK_MAX
+    if first:
+        if len(seg) < 6 or int.from_bytes(seg[:4], "little") != _ZSTD_MAGIC:
+            raise HdeDecodeError("zstd stream does not start with a frame header")
+        fhd = seg[4]
+        fcs_flag, single, reserved, dict_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 3) & 1, fhd & 3
+        if reserved or dict_flag or single:
+            raise HdeDecodeError("unsupported zstd frame header", fhd=fhd)
+        exponent, mantissa = seg[5] >> 3, seg[5] & 7
+        base = 1 << (10 + exponent)
+        window = base + (base // 8) * mantissa
+        if window > max_window:
+            raise HdeDecodeError("zstd window larger than the limit", window=window, limit=max_window)
+        block_max = min(window, _BLOCK_MAX)
+        pos = 6 + (0, 2, 4, 8)[fcs_flag]
+    bound = 0
+    while pos < len(seg):
+        if pos + 3 > len(seg):
+            raise HdeDecodeError("truncated zstd block header")
+        head = int.from_bytes(seg[pos : pos + 3], "little")
+        last, kind, size = head & 1, (head >> 1) & 3, head >> 3
+        pos += 3
+        if last:
+            raise HdeDecodeError("zstd stream segment ends its frame")
+        if kind == 0:  # raw
+            pos += size
+            bound += size
+        elif kind == 1:  # RLE: one byte repeated size times
+            pos += 1
+            bound += size
+        elif kind == 2:
+            if size > block_max:
+                raise HdeDecodeError("zstd block larger than the maximum", size=size)
+            pos += size
+            bound += block_max
+        else:
+            raise HdeDecodeError("reserved zstd block type")
+    if pos != len(seg):
+        raise HdeDecodeError("zstd stream segment ends inside a block")
+    return bound

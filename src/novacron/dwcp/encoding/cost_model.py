@@ -17,29 +17,42 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from novacron.dwcp.encoding.codecs import LZ4, NONE, Codec, zstd
+from novacron.dwcp.encoding.codecs import LZ4, NONE, Codec, zstd, zstd_stream
 from novacron.dwcp.encoding.errors import HdeConfigError
 
 # Starting points, measured on this project's 2-core build machine (bench/hde.py prints fresh ones):
 # single-thread throughput in bytes/s on mixed binaries, and ratio relative to LZ4's ratio.
+# Streamed levels use an 8 MiB window with long-distance matching (see codecs.py).
 DEFAULT_SPEED: dict[Codec, float] = {
     NONE: 8e9,
-    LZ4: 390e6,
+    LZ4: 450e6,
     zstd(1): 320e6,
     zstd(3): 175e6,
     zstd(6): 60e6,
+    zstd_stream(1): 220e6,
+    zstd_stream(3): 150e6,
+    zstd_stream(6): 65e6,
 }
-DEFAULT_RATIO_VS_LZ4: dict[Codec, float] = {NONE: 0.0, LZ4: 1.0, zstd(1): 1.35, zstd(3): 1.5, zstd(6): 1.6}
+DEFAULT_RATIO_VS_LZ4: dict[Codec, float] = {
+    NONE: 0.0,
+    LZ4: 1.0,
+    zstd(1): 1.35,
+    zstd(3): 1.45,
+    zstd(6): 1.55,
+    zstd_stream(1): 1.6,
+    zstd_stream(3): 1.67,
+    zstd_stream(6): 1.78,
+}
 
 
 @dataclass(frozen=True)
 class CostModelConfig:
-    codecs: tuple[Codec, ...] = (NONE, LZ4, zstd(1), zstd(3), zstd(6))
+    codecs: tuple[Codec, ...] = (NONE, LZ4, zstd_stream(1), zstd_stream(3), zstd_stream(6))
     bandwidth: float = 125e6  # bytes/s until the transport reports (1 Gbit/s)
     smoothing: float = 0.2  # EWMA weight of a new outcome
     explore_every: int = 64  # every n-th batch tries the codec measured longest ago
     min_compress_bytes: int = 512  # smaller bodies go uncompressed
-    sample_pages: int = 8  # pages of a batch the LZ4 probe looks at
+    sample_pages: int = 4  # pages of a batch the LZ4 probe looks at
 
     def __post_init__(self) -> None:
         if not self.codecs or NONE not in self.codecs:

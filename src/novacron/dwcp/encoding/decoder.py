@@ -16,7 +16,7 @@ from novacron.dwcp.encoding.baseline import BaselineSession
 from novacron.dwcp.encoding.batch import OpaqueChunk, PageBatch, distinct
 from novacron.dwcp.encoding.chunk_cache import ChunkCache
 from novacron.dwcp.encoding.codecs import CodecBank
-from novacron.dwcp.encoding.errors import HdeDecodeError, HdeReferenceMissing
+from novacron.dwcp.encoding.errors import HdeDecodeError, HdeReferenceMissing, HdeStreamBroken
 from novacron.dwcp.encoding.hashing import TAG_BYTES, checksum
 from novacron.dwcp.encoding.limits import PAGE_SIZE, HdeLimits
 from novacron.dwcp.encoding.session_cache import CacheArena, SessionPageCache
@@ -78,10 +78,11 @@ class HdeDecoder:
     ) -> None:
         self.limits = limits or HdeLimits()
         self.baseline = baseline
-        self._bank = CodecBank(self.limits.max_zstd_window)
+        self._bank = CodecBank(self.limits.max_zstd_window, self.limits.zstd_window_log, self.limits.zstd_ldm)
         self._cache = SessionPageCache(self.limits.session_pages, arena)
         self._chunks = ChunkCache(self.limits.chunk_cache_bytes, with_index=False)
         self._seq = 0
+        self._broken: HdeDecodeError | None = None
 
     def close(self) -> None:
         """Release the cache arena (if one was given) for the next session."""
@@ -92,6 +93,8 @@ class HdeDecoder:
         return self._seq
 
     def decode(self, wire: bytes) -> PageBatch | OpaqueChunk:
+        if self._broken is not None:
+            raise HdeStreamBroken("decoder stopped after a corrupt streamed batch", cause=str(self._broken))
         h = unpack_header(wire, self.limits)
         repair = bool(h.flags & FLAG_REPAIR)
         # A repair replaces the batch just refused; everything else must come in order.
@@ -105,10 +108,20 @@ class HdeDecoder:
         pos += h.name_len
         meta = wire[pos : pos + h.meta_len]
         pos += h.meta_len
-        body = self._bank.decompress(h.codec, memoryview(wire)[pos:], h.raw_len)
-        if h.kind is BatchKind.PAGES:
-            return self._decode_pages(h, name, meta, body, repair)
-        return self._decode_chunks(h, meta, body)
+        if repair and h.codec.streamed:
+            raise HdeDecodeError("repair batch in a stream codec", seq=h.seq)
+        try:
+            body = self._bank.decompress(h.codec, memoryview(wire)[pos:], h.raw_len)
+            if h.kind is BatchKind.PAGES:
+                return self._decode_pages(h, name, meta, body, repair)
+            return self._decode_chunks(h, meta, body)
+        except HdeReferenceMissing:
+            raise  # the stream consumed exactly what the encoder's did: still in step, repairable
+        except HdeDecodeError as exc:
+            if self._bank.touched_stream:
+                # The stream took this segment in; if it was corrupt, its history is now wrong.
+                self._broken = exc
+            raise
 
     # -- pages ---------------------------------------------------------------------------------------------
     def _decode_pages(self, h: Header, name: str, meta: bytes, body: bytes, repair: bool) -> PageBatch:

@@ -76,7 +76,7 @@ class HdeEncoder:
         self.stats = EncoderStats()
         self.last_used_baseline = False
         self._clock = clock
-        self._bank = CodecBank(self.limits.max_zstd_window)
+        self._bank = CodecBank(self.limits.max_zstd_window, self.limits.zstd_window_log, self.limits.zstd_ldm)
         self._cache = SessionPageCache(self.limits.session_pages, arena)
         self._index = ContentIndex(self._cache)
         self._chunks = ChunkCache(self.limits.chunk_cache_bytes, with_index=True)
@@ -389,6 +389,8 @@ class HdeEncoder:
             input_len = len(data)
         probe = self._probe(body)
         codec, p_wire, p_secs, explored = self.selector.choose(len(body), probe)
+        if flags & FLAG_REPAIR:
+            codec = codec.unstreamed()  # the streams have moved on past this batch on the sender
         c0 = self._clock()
         wire = self._bank.compress(codec, body)
         secs = self._clock() - c0
@@ -402,8 +404,8 @@ class HdeEncoder:
             predicted=(p_wire, p_secs),
             explored=explored,
         )
-        if len(wire) >= len(body) and codec != NONE:
-            codec, wire = NONE, body  # incompressible after all: store it
+        if len(wire) >= len(body) and codec != NONE and not codec.streamed:
+            codec, wire = NONE, body  # incompressible after all: store it (a stream must get its bytes)
         header = Header(kind, flags, seq, count, len(body), len(wire), codec, len(name), len(meta), csum)
         out = b"".join([header.pack(), name, meta, wire])
         self.stats.batches += 1

@@ -26,6 +26,10 @@ class HdeDecodeError(HdeError):
     """A batch cannot be decoded to exactly the bytes that were encoded."""
 
 
+class HdeStreamBroken(HdeDecodeError):
+    """A streamed body could not be decoded: the zstd stream is out of step; the session must restart."""
+
+
 class HdeReferenceMissing(HdeDecodeError):
     """A batch refers to baseline content the decoder does not hold (any more).
 

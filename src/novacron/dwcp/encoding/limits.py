@@ -40,6 +40,9 @@ class HdeLimits:
     delta_merge_gap: int = 4
     # zstd frames may not ask the decoder for a larger window than this.
     max_zstd_window: int = 8 * MiB
+    # Streamed zstd (one stream per level per session): window and long-distance matching.
+    zstd_window_log: int = 23
+    zstd_ldm: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_pages_per_batch <= 65535:
@@ -65,6 +68,8 @@ class HdeLimits:
             raise HdeConfigError("delta_max_fraction must be in (0, 1]", value=self.delta_max_fraction)
         if not 0 <= self.delta_merge_gap <= 64:
             raise HdeConfigError("delta_merge_gap must be in 0..64", value=self.delta_merge_gap)
+        if not self.zstd_window_log >= 10 or (1 << self.zstd_window_log) > self.max_zstd_window:
+            raise HdeConfigError("zstd_window_log must be >= 10 and fit max_zstd_window")
         if self.max_meta_bytes > 1 << 24 or self.max_block_name > 1 << 12:
             raise HdeConfigError("meta or block-name limit too large for the header fields")
 
