@@ -65,7 +65,7 @@ from novacron.dwcp.encoding import (
     PageKind,
     sparse,
 )
-from novacron.dwcp.encoding.codecs import NONE, zstd
+from novacron.dwcp.encoding.codecs import NONE, zstd_stream
 
 BATCH_PAGES = 128
 OFFSET_BYTES = 8  # a multifd packet lists one 64-bit offset per page
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         for sc in scs:
             base = store if sc.baseline_vm is not None else None
             hdes: dict[str, CostModelConfig] = {n: CostModelConfig(bandwidth=bw) for n, bw in LINKS.items()}
-            hdes["hde-z1"] = CostModelConfig(codecs=(NONE, zstd(1)), bandwidth=1e6)
+            hdes["hde-z1"] = CostModelConfig(codecs=(NONE, zstd_stream(1)), bandwidth=1e6)
             for name in list(peers) + list(hdes):
                 res = Result(sc.name, name, sc.measured.nbytes)
                 for _ in range(args.repeat):

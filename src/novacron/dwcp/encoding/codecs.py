@@ -87,7 +87,10 @@ class CodecBank:
         self._dctx = zstandard.ZstdDecompressor(max_window_size=max_zstd_window)
         self.touched_stream = False
 
-    def compress(self, codec: Codec, data: bytes | memoryview) -> bytes:
+    def compress(self, codec: Codec, parts: list[bytes | memoryview]) -> bytes:
+        """Compress the concatenation of ``parts`` (a stream takes them without joining)."""
+        if codec.id is not CodecId.ZSTD_STREAM:
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
         if codec.id is CodecId.NONE:
             return bytes(data)
         if codec.id is CodecId.LZ4:
@@ -100,7 +103,9 @@ class CodecBank:
                 )
                 cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()
                 self._streams[codec.level] = cobj
-            return bytes(cobj.compress(data) + cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+            out = [cobj.compress(p) for p in parts]
+            out.append(cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+            return b"".join(out)
         cctx = self._compressors.get(codec.level)
         if cctx is None:
             cctx = zstandard.ZstdCompressor(level=codec.level, write_checksum=False)

@@ -34,6 +34,7 @@ from novacron.dwcp.encoding.summary import BaselineView
 from novacron.dwcp.encoding.wire import FLAG_REPAIR, BatchKind, ChunkKind, Header, PageKind
 
 KIND_COUNT = len(PageKind)
+Part = bytes | memoryview
 
 
 @dataclass
@@ -277,10 +278,13 @@ class HdeEncoder:
             plan.base_delta = sparse.encode(pages[rows], analysis, np.flatnonzero(ok))
             plan.kinds[rows[ok]] = PageKind.BASE_DELTA
 
-    def _page_body(self, index: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint8], plan: _Plan) -> bytes:
+    def _page_body(
+        self, index: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint8], plan: _Plan
+    ) -> list[Part]:
+        """The body as parts (not joined: a stream codec takes them one by one, saving a copy)."""
         kinds = plan.kinds
         idx_delta = np.diff(index, prepend=np.uint64(0)).astype("<u8")
-        parts: list[bytes] = [idx_delta.tobytes(), kinds.tobytes()]
+        parts: list[Part] = [idx_delta.tobytes(), kinds.tobytes()]
         is_kind = [kinds == k for k in range(KIND_COUNT)]
         if plan.ref_slot is not None:
             parts.append(plan.ref_slot[is_kind[PageKind.SESSION_REF]].astype("<u4").tobytes())
@@ -294,8 +298,10 @@ class HdeEncoder:
             parts.extend(plan.delta)
         if plan.base_delta is not None:
             parts.extend(plan.base_delta)
-        parts.append(pages[is_kind[PageKind.LITERAL]].tobytes())
-        return b"".join(parts)
+        literal = is_kind[PageKind.LITERAL]
+        lit = pages if literal.all() else pages[literal]
+        parts.append(np.ascontiguousarray(lit).reshape(-1).data)
+        return parts
 
     # -- opaque chunks -------------------------------------------------------------------------------------
     def encode_chunk(self, data: bytes, meta: bytes = b"") -> bytes:
@@ -342,7 +348,7 @@ class HdeEncoder:
             flags=0,
             seq=seq,
             count=len(pieces),
-            body=body,
+            body=[body],
             batch=None,
             index=None,
             data=data,
@@ -364,7 +370,7 @@ class HdeEncoder:
         flags: int,
         seq: int,
         count: int,
-        body: bytes,
+        body: list[Part],
         batch: PageBatch | None,
         index: npt.NDArray[np.uint64] | None,
         data: bytes = b"",
@@ -387,8 +393,9 @@ class HdeEncoder:
             name = b""
             csum = checksum([_seq_bytes(seq), data, meta])
             input_len = len(data)
-        probe = self._probe(body)
-        codec, p_wire, p_secs, explored = self.selector.choose(len(body), probe)
+        raw_len = sum(len(p) for p in body)
+        probe = self._probe(body, raw_len)
+        codec, p_wire, p_secs, explored = self.selector.choose(raw_len, probe)
         if flags & FLAG_REPAIR:
             codec = codec.unstreamed()  # the streams have moved on past this batch on the sender
         c0 = self._clock()
@@ -397,36 +404,39 @@ class HdeEncoder:
         self.selector.record(
             seq=seq,
             codec=codec,
-            raw_len=len(body),
+            raw_len=raw_len,
             wire_len=len(wire),
             seconds=secs,
             probe_ratio=probe,
             predicted=(p_wire, p_secs),
             explored=explored,
         )
-        if len(wire) >= len(body) and codec != NONE and not codec.streamed:
-            codec, wire = NONE, body  # incompressible after all: store it (a stream must get its bytes)
-        header = Header(kind, flags, seq, count, len(body), len(wire), codec, len(name), len(meta), csum)
+        if len(wire) >= raw_len and codec != NONE and not codec.streamed:
+            codec, wire = NONE, b"".join(body)  # incompressible after all: store it (a stream gets its bytes)
+        header = Header(kind, flags, seq, count, raw_len, len(wire), codec, len(name), len(meta), csum)
         out = b"".join([header.pack(), name, meta, wire])
         self.stats.batches += 1
         self.stats.input_bytes += input_len
         self.stats.wire_bytes += len(out)
         return out
 
-    def _probe(self, body: bytes) -> float:
-        """LZ4 ratio of an evenly strided sample of the body (the cost model's compressibility input)."""
-        want = self.selector.config.sample_pages * PAGE_SIZE
-        if len(body) < self.selector.config.min_compress_bytes:
+    def _probe(self, body: list[Part], raw_len: int) -> float:
+        """LZ4 ratio of a strided sample of the body (the cost model's compressibility input).
+
+        Sampled from the largest part (the literal pages, when there are any), else from the whole.
+        """
+        cfg = self.selector.config
+        want = cfg.sample_pages * PAGE_SIZE
+        if raw_len < cfg.min_compress_bytes:
             return 1.0
-        if len(body) <= want:
-            sample = body
+        largest = max(body, key=len)
+        if len(largest) <= want:
+            sample = b"".join(body)[: 4 * want]
         else:
-            step = len(body) // self.selector.config.sample_pages
-            mv = memoryview(body)
-            sample = b"".join(
-                mv[i * step : i * step + PAGE_SIZE] for i in range(self.selector.config.sample_pages)
-            )
-        return len(sample) / max(1, len(self._bank.compress(LZ4, sample)))
+            step = len(largest) // cfg.sample_pages
+            mv = memoryview(largest)
+            sample = b"".join(mv[i * step : i * step + PAGE_SIZE] for i in range(cfg.sample_pages))
+        return len(sample) / max(1, len(self._bank.compress(LZ4, [sample])))
 
 
 @dataclass
