@@ -105,7 +105,7 @@ class WanEmulator:
         sysctls: Mapping[str, str] | None = None,
         seed: int | None = None,
         max_held_bytes: int = DEFAULT_MAX_HELD_BYTES,
-        control_socket: Path | None = None,
+        control_socket_dir: Path | None = None,
         offload: bool = True,
     ) -> None:
         self._nodes = tuple(nodes)
@@ -133,11 +133,14 @@ class WanEmulator:
         self._sysctls = dict(WAN_HOST_SYSCTLS if sysctls is None else sysctls)
         self._seed = seed
         self._max_held_bytes = max_held_bytes
-        self._control_socket = control_socket
         self._offload = offload
         self._token = secrets.token_hex(3)
-        self._namespaces = {n: namespace_name(os.getpid(), self._token, n) for n in self._nodes}
-        self._hub = namespace_name(os.getpid(), self._token, "_hub")
+        self._owner_pid = os.getpid()
+        self._namespaces = {n: namespace_name(self._owner_pid, self._token, n) for n in self._nodes}
+        self._hub = namespace_name(self._owner_pid, self._token, "_hub")
+        self._control_socket = None
+        if control_socket_dir is not None and self._backend is Backend.TUN:
+            self._control_socket = control_socket_dir / f"{self.instance_id}.sock"
         self._created: list[str] = []
         self._forwarder: Forwarder | None = None
         self._procs: list[subprocess.Popen[Any] | asyncio.subprocess.Process] = []
@@ -191,6 +194,16 @@ class WanEmulator:
     @property
     def mtu(self) -> int:
         return self._mtu
+
+    @property
+    def instance_id(self) -> str:
+        """``<owner pid>-<token>``: what names this instance's namespaces (and the CLI's sockets)."""
+        return f"{self._owner_pid}-{self._token}"
+
+    @property
+    def control_socket(self) -> Path | None:
+        """Unix socket where other processes can reach the forwarder (see wanfwd.c), if asked for."""
+        return self._control_socket
 
     @property
     def forwarder_pid(self) -> int | None:

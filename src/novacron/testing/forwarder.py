@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import select
+import socket
 import subprocess
 import threading
 import time
@@ -155,3 +156,25 @@ class Forwarder:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None and not stream.closed:
                 stream.close()
+
+
+def control_socket_request(path: Path, line: str, timeout_s: float = CONTROL_TIMEOUT_S) -> str:
+    """One request to a running forwarder's control socket (from another process, e.g. the CLI)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(str(path))
+            sock.sendall(line.encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+                if len(buf) > MAX_REPLY_BYTES:
+                    raise WanError("forwarder reply too long", limit=MAX_REPLY_BYTES)
+        except OSError as exc:
+            raise WanError(
+                "cannot reach the forwarder's control socket", path=str(path), error=str(exc)
+            ) from None
+    return Forwarder._expect_ok(buf.decode().strip(), line)

@@ -19,7 +19,7 @@ from novacron.testing.errors import WanConfigError, WanError
 CHUNK_BYTES = 1 << 20
 DEFAULT_TIMEOUT_S = 120.0
 MAX_STREAMS = 64
-_BUFFER = bytes(CHUNK_BYTES)
+_BUFFER = memoryview(bytes(CHUNK_BYTES))  # slices of a memoryview do not copy
 
 ProgressCallback = Callable[[float, TcpInfo], None]
 
@@ -84,8 +84,9 @@ def tcp_transfer(
         try:
             with conn:
                 conn.settimeout(timeout_s)
-                while chunk := conn.recv(CHUNK_BYTES):
-                    received[index] += len(chunk)
+                buf = bytearray(CHUNK_BYTES)
+                while n := conn.recv_into(buf):
+                    received[index] += n
             done_at[index] = time.monotonic()
         except OSError as exc:
             failures.append(exc)
