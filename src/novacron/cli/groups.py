@@ -23,4 +23,5 @@ def all_groups() -> list[tuple[str, typer.Typer, str]]:
     groups.append(("api", _load("novacron.cli.api"), "Serve the REST API on this host; list its routes."))
     groups.append(("config", _load("novacron.cli.config"), "API contexts (server, token) like kubectl."))
     groups.append(("token", _load("novacron.cli.token"), "API bearer tokens: bootstrap, create, list, revoke."))
+    groups.append(("wan", _load("novacron.cli.wan"), "WAN emulator: emulated links between namespaces."))
     return groups
