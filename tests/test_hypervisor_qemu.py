@@ -102,6 +102,16 @@ async def test_incoming_destination_waits_for_migration(tmp_path: Path) -> None:
         async with driver.qmp("dest") as qmp:
             caps = await qmp.execute("query-migrate-capabilities")
         assert isinstance(caps, list) and caps
+        # A long-lived event listener on the second monitor does not block the command monitor.
+        async with driver.qmp_events("dest") as events, driver.qmp("dest") as qmp:
+            status = await qmp.execute("query-status")
+            assert status["status"] == "inmigrate"
+            assert (await events.execute("query-name"))["name"] == "dest"
+        # The VM keeps the UUID it was defined with: a migration destination must use the same.
+        spec = driver.spec("dest")
+        assert spec.uuid is not None
+        async with driver.qmp("dest") as qmp:
+            assert (await qmp.execute("query-uuid"))["UUID"] == spec.uuid
         # Nothing ran: the console is empty until a migration brings the guest in.
         assert driver.console_log("dest", since_start=True) == ""
         assert (await driver.stop("dest", mode=StopMode.FORCE)).state == VMState.DEFINED

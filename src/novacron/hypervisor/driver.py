@@ -53,7 +53,8 @@ class HypervisorDriver(Protocol):
         ...
 
     async def start(self, name: str, *, incoming: bool = False) -> VMStatus:
-        """Start the VM; ``incoming`` starts it paused as a migration destination (-incoming defer)."""
+        """Start the VM; ``incoming`` starts it as a migration destination (``-incoming defer -S``):
+        it waits for ``migrate-incoming`` and stays paused after the stream completes."""
         ...
 
     async def stop(
@@ -76,6 +77,14 @@ class HypervisorDriver(Protocol):
         """A connected QMP client for the duration of the ``async with`` block."""
         ...
 
+    def qmp_events(self, name: str) -> AbstractAsyncContextManager[QMPClient]:
+        """A connected QMP client on a second monitor, for a long-lived event listener."""
+        ...
+
     def defined(self) -> list[str]:
         """Names of the VMs this driver knows (from the run directories)."""
+        ...
+
+    def is_defined(self, name: str) -> bool:
+        """Whether this driver knows a VM of that name (one look-up, not a scan)."""
         ...

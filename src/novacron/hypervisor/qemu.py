@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,12 @@ class QemuDriver:
             return []
         return sorted(p.name for p in self.root.iterdir() if RunDir(p).exists())
 
+    def is_defined(self, name: str) -> bool:
+        try:
+            return self.run_dir(name).exists()
+        except SpecError:
+            return False
+
     def spec(self, name: str) -> VMSpec:
         return self._existing(name).read_spec()
 
@@ -119,14 +126,19 @@ class QemuDriver:
         rd = self.run_dir(spec.name)
         if rd.exists():
             raise VMStateError(f"a VM named {spec.name!r} is already defined on this host", vm=spec.name)
-        if len(str(rd.qmp_socket)) > MAX_SOCKET_PATH or len(str(rd.control_socket)) > MAX_SOCKET_PATH:
+        if any(len(str(sock)) > MAX_SOCKET_PATH for sock in rd.sockets):
             raise SpecError(
                 "run directory path too long for unix sockets",
                 field="name",
                 vm=spec.name,
                 reason=f"{rd.path} exceeds {MAX_SOCKET_PATH - 13} bytes",
             )
-        resolved = spec.model_copy(update={"machine": resolve_machine(self.qemu_binary, spec.machine)})
+        resolved = spec.model_copy(
+            update={
+                "machine": resolve_machine(self.qemu_binary, spec.machine),
+                "uuid": spec.uuid or str(uuid.uuid4()),
+            }
+        )
         rd.path.mkdir(parents=True, exist_ok=True)
         rd.write_spec(resolved)
         rd.write_state(RunState())
@@ -157,11 +169,15 @@ class QemuDriver:
             "-m", f"{spec.memory_mib}M",
             "-chardev", f"socket,id=qmp,path={rd.qmp_socket},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
+            "-chardev", f"socket,id=qmp-events,path={rd.events_socket},server=on,wait=off",
+            "-mon", "chardev=qmp-events,mode=control",
             "-chardev", f"file,id=console,path={rd.console_log},append=on",
             "-serial", "chardev:console",
             "-chardev", f"socket,id=control,path={rd.control_socket},server=on,wait=off",
             "-serial", "chardev:control",
         ]  # fmt: skip
+        if spec.uuid:
+            argv += ["-uuid", spec.uuid]
         if spec.cpu_model:
             argv += ["-cpu", spec.cpu_model]
         if spec.kernel:
@@ -174,7 +190,9 @@ class QemuDriver:
             fmt = "qcow2" if spec.disk.suffix == ".qcow2" else "raw"
             argv += ["-drive", f"file={spec.disk},if=virtio,format={fmt},cache=none"]
         if incoming:
-            argv += ["-incoming", "defer"]
+            # -S: a migration destination stays paused when the stream is complete; the orchestrator
+            # resumes it only once the source is known to be stopped (a VM never runs twice).
+            argv += ["-incoming", "defer", "-S"]
         return argv
 
     async def start(self, name: str, *, incoming: bool = False) -> VMStatus:
@@ -186,7 +204,7 @@ class QemuDriver:
             spec = rd.read_spec()
             verdict = await self._accel.choose(spec.accel, spec.kernel, spec.cpu_model)
             rd.trim_console_log()
-            for sock in (rd.qmp_socket, rd.control_socket):
+            for sock in rd.sockets:
                 sock.unlink(missing_ok=True)
             offset = rd.console_log.stat().st_size if rd.console_log.exists() else 0
             argv = self._argv(rd, spec, verdict.accel, incoming)
@@ -264,19 +282,29 @@ class QemuDriver:
 
     # ----- QMP -----
 
+    def qmp(self, name: str) -> contextlib.AbstractAsyncContextManager[QMPClient]:
+        """A QMP client for the duration of the block, on the command monitor (one client at a time)."""
+        return self._qmp(name, events=False)
+
+    def qmp_events(self, name: str) -> contextlib.AbstractAsyncContextManager[QMPClient]:
+        """A QMP client on the second monitor, for one long-lived user that follows events (e.g. the
+        STOP/RESUME/MIGRATION events of a migration) without blocking :meth:`qmp` users."""
+        return self._qmp(name, events=True)
+
     @contextlib.asynccontextmanager
-    async def qmp(self, name: str) -> AsyncIterator[QMPClient]:
+    async def _qmp(self, name: str, *, events: bool) -> AsyncIterator[QMPClient]:
         rd = self._existing(name)
         client = QMPClient(name)
+        path = rd.events_socket if events else rd.qmp_socket
         try:
-            await asyncio.wait_for(client.connect(str(rd.qmp_socket)), self.limits.qmp_connect_timeout_s)
+            await asyncio.wait_for(client.connect(str(path)), self.limits.qmp_connect_timeout_s)
         except (TimeoutError, ConnectError, OSError, EOFError) as exc:
             with contextlib.suppress(LibQMPError, OSError, EOFError):
                 await client.disconnect()
             raise QMPError(
                 "cannot connect to QEMU's QMP socket",
                 vm=name,
-                socket=str(rd.qmp_socket),
+                socket=str(path),
                 reason=str(exc) or type(exc).__name__,
             ) from None
         try:

@@ -1,7 +1,8 @@
 """One directory per VM: QEMU's sockets and logs, and the driver's own record of the VM.
 
 Layout (``state_dir()/vms/<name>/``): spec.json (the VM as defined), state.json (pid, process start
-time, accel, recorded stop), qemu.pid, qmp.sock, control.sock (guest control channel on ttyS1),
+time, accel, recorded stop), qemu.pid, qmp.sock, qmp-events.sock (a second QMP monitor for
+long-lived event listeners), control.sock (guest control channel on ttyS1),
 console.log (serial console, ttyS0), qemu.log (QEMU's stdout and stderr).
 """
 
@@ -59,6 +60,15 @@ class RunDir:
     @property
     def qmp_socket(self) -> Path:
         return self.path / "qmp.sock"
+
+    @property
+    def events_socket(self) -> Path:
+        """A second QMP monitor, for one long-lived client that follows events (e.g. a migration)."""
+        return self.path / "qmp-events.sock"
+
+    @property
+    def sockets(self) -> tuple[Path, ...]:
+        return (self.qmp_socket, self.events_socket, self.control_socket)
 
     @property
     def control_socket(self) -> Path:

@@ -28,6 +28,9 @@ NAME_PATTERN = r"^[a-z][a-z0-9-]{0,62}$"
 MACHINE_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 MAX_CMDLINE_BYTES = 2048  # x86 boot protocol limit is 2048 including the terminator
 MAX_VCPUS = 64
+MAX_PATH_BYTES = 4095  # PATH_MAX - 1; longer paths fail in the kernel with ENAMETOOLONG
+MAX_NAME_BYTES = 255  # NAME_MAX for one path component
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 Accel = Literal["auto", "kvm", "tcg"]
 
@@ -42,6 +45,8 @@ def _existing_file(value: Path | None, what: str) -> Path | None:
     if value is None:
         return None
     path = Path(value).expanduser()
+    if len(str(path).encode()) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES for p in path.parts):
+        raise ValueError(f"{what} path is longer than the file system allows")
     if not path.exists():
         raise ValueError(f"{what} {path} does not exist")
     if not path.is_file():
@@ -64,6 +69,9 @@ class VMSpec(BaseModel):
     machine: str = Field(default="pc", pattern=MACHINE_PATTERN)
     accel: Accel = "auto"
     cpu_model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    # The VM's identity as QEMU sees it (-uuid). Set once when the VM is defined and carried with the
+    # spec, so a migration destination starts with the same UUID (multifd channels check it).
+    uuid: str | None = Field(default=None, pattern=UUID_PATTERN)
 
     @field_validator("name")
     @classmethod

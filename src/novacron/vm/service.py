@@ -113,7 +113,7 @@ class VMService:
             )
         )
         try:
-            if spec.name in self.driver.defined():
+            if self.driver.is_defined(spec.name):
                 # Left over from an earlier failure with no inventory record: only reuse it if idle.
                 st = await self.driver.status(spec.name)
                 if st.alive:
@@ -132,7 +132,7 @@ class VMService:
 
     async def delete(self, name: str, *, force: bool = False) -> None:
         await self.inventory.get(name)
-        if name in self.driver.defined():
+        if self.driver.is_defined(name):
             st = await self.driver.status(name)
             if st.alive:
                 if not force:
@@ -171,7 +171,7 @@ class VMService:
     # ----- queries -----
 
     async def _status(self, record: VMRecord) -> VMStatus:
-        if record.name not in self.driver.defined():
+        if not self.driver.is_defined(record.name):
             return VMStatus(name=record.name, state=VMState.DEFINED, detail="not defined on this host")
         return await self.driver.status(record.name)
 
