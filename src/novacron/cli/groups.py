@@ -22,6 +22,6 @@ def all_groups() -> list[tuple[str, typer.Typer, str]]:
     groups.append(("demo", _load("novacron.cli.demo"), "Boot the test guest and show its workload live."))
     groups.append(("api", _load("novacron.cli.api"), "Serve the REST API on this host; list its routes."))
     groups.append(("config", _load("novacron.cli.config"), "API contexts (server, token) like kubectl."))
-    groups.append(("token", _load("novacron.cli.token"), "API bearer tokens: bootstrap, create, list, revoke."))
+    groups.append(("token", _load("novacron.cli.token"), "API bearer tokens: create, list, revoke."))
     groups.append(("wan", _load("novacron.cli.wan"), "WAN emulator: emulated links between namespaces."))
     return groups
