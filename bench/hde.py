@@ -23,7 +23,8 @@ each keeps state across batches:
   encoding would not be smaller;
 * ``xbzrle-warm``: the same with the cache filled during the first pass (an upper bound for XBZRLE);
 * ``hde@<link>``: this project's encoder with its cost model told the link bandwidth; ``hde-z1``: HDE
-  with the codec pinned to zstd-1 (to separate what the hierarchy gains from what the cost model picks).
+  with the codec pinned to streamed zstd-1 (to separate what the hierarchy gains from what the cost
+  model picks).
 
 Speeds are CPU time of the encoding (or decoding) thread over the measured stream (per core), medians
 of ``--repeat`` runs; stateful codecs are first fed the earlier pass untimed. Every decode is checked

@@ -19,7 +19,7 @@ from novacron.dwcp.encoding.limits import PAGE_SIZE, HdeLimits
 class PageBatch:
     block: str
     offsets: npt.NDArray[np.uint64]
-    data: bytes
+    data: bytes | memoryview  # n * 4096 bytes; the decoder hands out a view of its output (no copy)
     meta: bytes = b""
 
     @property

@@ -149,10 +149,11 @@ class HdeDecoder:
 
         rows = [np.flatnonzero(kinds == k) for k in range(KIND_COUNT)]
         all_literal = rows[PageKind.LITERAL].shape[0] == n
+        data: bytes | memoryview
         if all_literal:
             # Typical of a first pass: the literal section already is the batch, in order.
-            data = literals.tobytes()
-            out = np.frombuffer(data, dtype=np.uint8).reshape(n, PAGE_SIZE)
+            data = literals.data  # a view of the decompressed body, which it keeps alive
+            out = literals.reshape(n, PAGE_SIZE)
         else:
             out = np.empty((n, PAGE_SIZE), dtype=np.uint8)
             out[rows[PageKind.ZERO]] = 0
@@ -192,7 +193,7 @@ class HdeDecoder:
 
         offsets = index * np.uint64(PAGE_SIZE)
         if not all_literal:
-            data = out.tobytes()
+            data = out.reshape(-1).data  # a fresh array per batch: handing out a view is safe
         got = checksum(
             [seq.to_bytes(8, "little"), name.encode(), offsets.astype("<u8").tobytes(), data, meta]
         )

@@ -13,7 +13,7 @@ batch's *content*, in the same order on both sides; see :mod:`.session_cache`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,6 +94,11 @@ class HdeEncoder:
     def close(self) -> None:
         """Release the cache arena (if one was given) for the next session."""
         self._cache.close()
+
+    def session_pages(self, max_pages: int = 1024) -> Iterator[PageBatch]:
+        """The last version sent of every page the session cache holds, as batches (for the baseline)."""
+        for block, index, pages in self._cache.snapshot(max_pages):
+            yield PageBatch(block, index * np.uint64(PAGE_SIZE), pages.tobytes())
 
     def forget_baseline(self) -> None:
         """Stop referring to the receiver's baseline (after it reported a missing reference)."""

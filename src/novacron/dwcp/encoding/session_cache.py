@@ -15,6 +15,8 @@ object.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import numpy.typing as npt
 
@@ -108,6 +110,20 @@ class SessionPageCache:
     @property
     def used(self) -> int:
         return self._high_water - self._free_count
+
+    def snapshot(self, max_pages: int) -> Iterator[tuple[str, npt.NDArray[np.uint64], npt.NDArray[np.uint8]]]:
+        """Every cached page: (block name, page indices ascending, page copies), ``max_pages`` at a time.
+
+        What the session sent (or received) last at each address it still holds: after a migration,
+        "this VM's memory as it left (arrived at) this host" for the baseline store. Addresses whose
+        last version was the zero page, or that were evicted, are not listed.
+        """
+        names = {bid: name for name, bid in self._block_ids.items()}
+        for bid, amap in enumerate(self._maps):
+            index = np.flatnonzero(amap >= 0)
+            for start in range(0, index.shape[0], max_pages):
+                sel = index[start : start + max_pages]
+                yield names[bid], sel.astype(np.uint64), self.slab[amap[sel]]
 
     # -- the one mutation ------------------------------------------------------------------------------
     def apply(
