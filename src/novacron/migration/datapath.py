@@ -128,6 +128,8 @@ class DataPathStats:
     codec_batches: Mapping[str, int] = field(default_factory=dict)  # HDE codec name -> batches
     encode_seconds: float = 0.0  # CPU spent in HDE (encode on the source, decode on the destination)
     baseline_summary_bytes: int = 0  # size of the receiver's baseline summary
+    baseline_pages_recorded: int = 0  # pages written to this host's baseline copy by close()
+    error: str | None = None  # why the data path failed (None while it works)
 
     @property
     def ratio(self) -> float:
@@ -136,20 +138,23 @@ class DataPathStats:
 
 
 class DataChannel(Protocol):
-    """One AMST channel as the data plane uses it (ordered bytes and messages, both directions)."""
+    """One AMST channel as the data plane uses it (``novacron.dwcp.transport.Channel``).
+
+    Ordered bytes or messages (one style per channel), both directions.
+    """
 
     kind: str
     label: str | None
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue bytes; waits while the transport's budget is exhausted (backpressure)."""
         ...
 
-    async def read(self, n: int = -1) -> bytes:
-        """Up to ``n`` bytes (``-1``: whatever is there); ``b""`` once the peer closed its direction."""
+    async def read(self, n: int = ...) -> bytes:
+        """Up to ``n`` bytes (at least one); ``b""`` once the peer closed its direction."""
         ...
 
-    async def send_message(self, data: bytes) -> None: ...
+    async def send_message(self, message: bytes | bytearray | memoryview) -> None: ...
 
     async def recv_message(self) -> bytes | None:
         """The next message, or ``None`` once the peer closed its direction."""
@@ -159,23 +164,34 @@ class DataChannel(Protocol):
         """Wait until everything written so far is acknowledged by the peer."""
         ...
 
-    async def close(self) -> None:
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes written and not yet acknowledged by the peer."""
+        ...
+
+    def close(self, reason: str | None = None) -> None:
         """End our direction (the peer reads EOF after the data)."""
         ...
 
-    async def abort(self, reason: str) -> None:
+    def abort(self, reason: str) -> None:
         """Abort both directions; the peer's reads raise with ``reason``."""
         ...
 
 
 class DataSession(Protocol):
-    """The migration's AMST session as the data plane uses it."""
+    """The migration's AMST session as the data plane uses it (``novacron.dwcp.transport.AmstSession``)."""
 
-    async def open_channel(self, kind: str, *, label: str | None = None) -> DataChannel: ...
+    def open_channel(self, kind: str, *, label: str | None = None) -> DataChannel: ...
 
 
 class AcceptingSession(Protocol):
     async def accept_channel(self) -> DataChannel: ...
+
+
+class ChannelAcceptor(Protocol):
+    """Where a destination data path takes the channels the source opened (a :class:`ChannelRouter`)."""
+
+    async def accept(self, kind: str, timeout_s: float | None = None) -> DataChannel: ...
 
 
 class SourceDataPath(Protocol):
@@ -269,7 +285,7 @@ class ChannelRouter:
                 q = self._queue(channel.kind)
                 if q.full():
                     log_event(log, "router.refused", logging.WARNING, kind=channel.kind, label=channel.label)
-                    await channel.abort(f"too many pending {channel.kind} channels")
+                    channel.abort(f"too many pending {channel.kind} channels")
                     continue
                 q.put_nowait(channel)
         except (NovacronError, OSError, EOFError) as exc:  # the session ended: waiting accepts learn why

@@ -8,6 +8,8 @@ sequence number can be sent again (for a missing baseline reference: a repair ba
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import numpy.typing as npt
 
@@ -91,6 +93,11 @@ class HdeDecoder:
     @property
     def next_seq(self) -> int:
         return self._seq
+
+    def session_pages(self, max_pages: int = 1024) -> Iterator[PageBatch]:
+        """The last version received of every page the session cache holds, as batches (for the baseline)."""
+        for block, index, pages in self._cache.snapshot(max_pages):
+            yield PageBatch(block, index * np.uint64(PAGE_SIZE), pages.tobytes())
 
     def decode(self, wire: bytes) -> PageBatch | OpaqueChunk:
         if self._broken is not None:
