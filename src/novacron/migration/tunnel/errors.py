@@ -19,3 +19,7 @@ class MultifdFormatError(TunnelError):
     Never fatal on its own: the parser turns it into a fallback (the channel's remaining bytes are
     carried opaque), so it only surfaces to callers that use the format helpers directly.
     """
+
+
+class PeerAborted(TunnelError):
+    """The other side of the tunnel gave up; its reason is in the message."""

@@ -15,6 +15,7 @@ a batch raises (``RecordError`` / ``HdeDecodeError``): the migration aborts, nev
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from novacron.dwcp.encoding import (
     HdeReferenceMissing,
     PageBatch,
 )
-from novacron.migration.tunnel.errors import MultifdFormatError, RecordError
+from novacron.migration.tunnel.errors import MultifdFormatError, PeerAborted, RecordError
 from novacron.migration.tunnel.multifd import (
     MultifdInit,
     MultifdPacket,
@@ -42,6 +43,7 @@ from novacron.migration.tunnel.multifd import (
 )
 from novacron.migration.tunnel.opaque import OpaqueCompressor, OpaqueDecompressor, raw_packet_codec
 from novacron.migration.tunnel.records import (
+    Abort,
     Divert,
     End,
     Finish,
@@ -209,7 +211,7 @@ class OpenChannel:
 @dataclass(frozen=True)
 class Deliver:
     channel: int
-    parts: tuple[bytes, ...]
+    parts: tuple[bytes | memoryview, ...]
 
     @property
     def size(self) -> int:
@@ -283,6 +285,7 @@ class PageStreamDecoder:
         self.packets = 0
         self.syncs = 0
         self.batches = 0
+        self.decode_seconds = 0.0
         self._channels: dict[int, _Channel] = {}
         self._pending: _Pending | None = None
         self._raw = OpaqueDecompressor()
@@ -304,6 +307,8 @@ class PageStreamDecoder:
         index = self.received
         self.received += 1
         rec = self._parse(data)
+        if isinstance(rec, Abort):
+            raise PeerAborted(f"the source aborted: {rec.reason}")
         if self.finished is not None:
             raise RecordError("record after FINISH", index=index)
         if self._pending is not None and not isinstance(rec, Repair):
@@ -401,11 +406,14 @@ class PageStreamDecoder:
             if hde is None:
                 raise RecordError("packet before HELLO")
             seq = hde.next_seq
+            t0 = time.perf_counter()
             try:
                 decoded = hde.decode(rec.batch)
             except HdeReferenceMissing:
+                self.decode_seconds += time.perf_counter() - t0
                 self._pending = _Pending(index, rec, seq)
                 return [RequestRepair(seq)]
+            self.decode_seconds += time.perf_counter() - t0
             if not isinstance(decoded, PageBatch):
                 raise HdeDecodeError("a packet's batch holds opaque chunks", seq=seq)
             batch = decoded

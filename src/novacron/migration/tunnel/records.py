@@ -30,6 +30,7 @@ class RecordType(enum.IntEnum):
     END = 0x06
     REPAIR = 0x07
     FINISH = 0x08
+    ABORT = 0x7F  # either direction: the sender gave up, with its reason
     # destination -> source on qemu-pages
     ACK = 0x81
     NEED_REPAIR = 0x82
@@ -48,6 +49,7 @@ _FINISH = struct.Struct("<BxHQ")  # type, channels opened, records sent before t
 _ACK = struct.Struct("<BQQ")  # type, records applied, QEMU bytes written (all channels)
 _NEED_REPAIR = struct.Struct("<BQ")  # type, HDE sequence number
 _MAIN = struct.Struct("<BBbI")  # type, codec, level, raw length
+_ABORT = struct.Struct("<BH")  # type, reason length
 
 MIN_HEADER_LEN = header_size(1)
 MAX_HEADER_LEN = header_size(1024)
@@ -124,6 +126,11 @@ class NeedRepair:
 
 
 @dataclass(frozen=True)
+class Abort:
+    reason: str
+
+
+@dataclass(frozen=True)
 class MainData:
     codec: int
     level: int
@@ -131,8 +138,8 @@ class MainData:
     payload: bytes
 
 
-PageRecord = Hello | Open | Packet | RawPacket | Divert | End | Repair | Finish
-ReturnRecord = Ack | NeedRepair
+PageRecord = Hello | Open | Packet | RawPacket | Divert | End | Repair | Finish | Abort
+ReturnRecord = Ack | NeedRepair | Abort
 
 
 # ------------------------------------------------------------------------------------------ packing
@@ -184,6 +191,18 @@ def pack_ack(records: int, qemu_bytes: int) -> bytes:
 
 def pack_need_repair(seq: int) -> bytes:
     return _NEED_REPAIR.pack(RecordType.NEED_REPAIR, seq)
+
+
+def pack_abort(reason: str) -> bytes:
+    raw = reason.encode()[:MAX_REASON_BYTES]
+    return _ABORT.pack(RecordType.ABORT, len(raw)) + raw
+
+
+def _parse_abort(buf: bytes) -> Abort:
+    _need(buf, _ABORT.size, RecordType.ABORT)
+    _, rlen = _ABORT.unpack_from(buf)
+    _exact(buf, _ABORT.size + rlen, RecordType.ABORT)
+    return Abort(bytes(buf[_ABORT.size :]).decode("utf-8", "replace"))
 
 
 def pack_main(codec: int, level: int, raw_len: int, payload: bytes) -> bytes:
@@ -289,6 +308,8 @@ def parse_page_record(buf: bytes, *, max_channels: int, max_record_bytes: int) -
         _exact(buf, _FINISH.size, t)
         _, channels, records = _FINISH.unpack(buf)
         return Finish(channels, records)
+    if t is RecordType.ABORT:
+        return _parse_abort(buf)
     raise RecordError("record type not valid on qemu-pages from the source", record=t.name)
 
 
@@ -302,6 +323,8 @@ def parse_return_record(buf: bytes) -> ReturnRecord:
     if t is RecordType.NEED_REPAIR:
         _exact(buf, _NEED_REPAIR.size, t)
         return NeedRepair(_NEED_REPAIR.unpack(buf)[1])
+    if t is RecordType.ABORT:
+        return _parse_abort(buf)
     raise RecordError("record type not valid on qemu-pages from the destination", record=t.name)
 
 
