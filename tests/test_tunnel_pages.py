@@ -253,7 +253,7 @@ def test_malformed_records_are_refused() -> None:
     with pytest.raises(RecordError, match="first record is not HELLO"):
         dec.receive(_encoder().open(0, MultifdParser().feed(MultifdWriter(0).init())[0]).data)  # type: ignore[arg-type]
     with pytest.raises(RecordError, match="unknown record type"):
-        _decoder().receive(b"\x7f")
+        _decoder().receive(b"\x7e")
     with pytest.raises(RecordError, match="version"):
         _decoder().receive(pack_hello(4, 1 << 20)[:1] + b"\x09" + pack_hello(4, 1 << 20)[2:])
     with pytest.raises(RecordError, match="larger than this host allows"):
