@@ -1,0 +1,299 @@
+"""Convergence steering of a precopy migration. Sans-IO: samples and ``now`` in, actions out.
+
+Theory of operation
+-------------------
+QEMU switches over when what is left (``remaining``) fits in ``downtime-limit`` at the bandwidth it
+measured over the last 100 ms. Three things decide whether that ever happens, and this module steers
+each of them from what QEMU reports (``query-migrate``) and what the transport measured:
+
+* **downtime-limit**: the operator's maximum downtime minus what the switchover costs us beyond
+  QEMU's own estimate (the COMPLETED message to the destination and its ``cont``: about one one-way
+  delay plus a few ms), times a safety factor, because QEMU overshoots its own limit (331 and 368 ms
+  were seen here against 300).
+* **max-bandwidth**: QEMU's default cap is 128 MiB/s (about 1 Gbit/s), far too low for a datacenter
+  link, so it is raised. On the direct path, where QEMU writes straight into a TCP socket, a known
+  link bandwidth caps QEMU near it, so the kernel's socket buffers do not fill with seconds of data
+  that would all have to drain during the downtime. Through the tunnel the tunnel's own bounded
+  buffer applies backpressure, so QEMU is left uncapped.
+* **the dirty rate against the bandwidth**: watched once per pass (``dirty-sync-count``). When the
+  guest dirties memory about as fast as the link carries it, or ``remaining`` stops shrinking over
+  several passes, steering escalates: first auto-converge (enabled at the start with the highest
+  trigger threshold and gentle steps, so it stays idle on a converging migration; escalation lowers
+  the threshold and steepens the steps through ``migrate-set-parameters``, since capabilities cannot
+  change during a migration in QEMU 7.2); then post-copy, if the operator allowed it and the
+  migration was started with ``postcopy-ram`` (which in 7.2 means without multifd).
+
+At the deadline the migration is aborted with a reason that says what was left, how fast the guest
+dirtied memory and how fast the link carried it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from novacron.migration.errors import MigrationInputError
+
+UNCAPPED_BANDWIDTH = 1 << 40  # bytes/s: "no cap" without relying on 0's meaning across versions
+MIN_DOWNTIME_LIMIT_MS = 10
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    downtime_safety: float = 0.6  # fraction of the budget handed to QEMU as downtime-limit
+    switchover_overhead_ms: float = 15.0  # our COMPLETED message + cont beyond one one-way delay
+    bandwidth_headroom: float = 1.05  # direct path: cap QEMU at this times the link bandwidth
+    idle_trigger_threshold: int = 100  # auto-converge idle: triggers only when dirtying outruns sending
+    idle_throttle_initial: int = 5
+    idle_throttle_increment: int = 5
+    active_trigger_threshold: int = 30
+    active_throttle_initial: int = 30
+    active_throttle_increment: int = 20
+    max_cpu_throttle: int = 99
+    escalate_after_passes: int = 4  # passes that show no convergence before auto-converge
+    stall_passes: int = 3  # ... "remaining did not shrink" is judged over this many passes
+    stall_shrink: float = 0.9  # remaining must fall below this fraction of its value stall_passes ago
+    dirty_vs_bandwidth: float = 0.8  # dirtying at this fraction of the bandwidth counts as not converging
+    postcopy_after_passes: int = 4  # further passes under auto-converge before post-copy
+    history: int = 64
+
+    def __post_init__(self) -> None:
+        if not (
+            0 < self.downtime_safety <= 1 and 0 < self.stall_shrink <= 1 and self.bandwidth_headroom >= 1
+        ):
+            raise MigrationInputError("steering fractions out of range", config=repr(self))
+        for name in ("idle_trigger_threshold", "active_trigger_threshold"):
+            if not 1 <= getattr(self, name) <= 100:
+                raise MigrationInputError("throttle trigger threshold must be 1..100", field=name)
+
+
+@dataclass(frozen=True)
+class SteeringPolicy:
+    """What the operator asked for, and what the data path allows."""
+
+    max_downtime_ms: int
+    deadline_at: float  # absolute time (same clock as the samples' ``now``)
+    allow_postcopy: bool = False
+    postcopy_capable: bool = False  # the migration was started with postcopy-ram
+    cap_bandwidth: bool = True  # direct path: cap QEMU near the link bandwidth when known
+    one_way_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.max_downtime_ms < 1:
+            raise MigrationInputError("max downtime must be at least 1 ms", field="max_downtime_ms")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One ``query-migrate`` answer of the source, reduced to what steering needs."""
+
+    status: str
+    iteration: int  # ram.dirty-sync-count: 1 during the first pass
+    remaining: int  # bytes
+    transferred: int  # bytes QEMU counted (before multifd compression)
+    dirty_pages_rate: float  # pages/s over the last pass
+    page_size: int = 4096
+    mbps: float = 0.0  # QEMU's raw send rate over its last 100 ms window
+    throttle_pct: int = 0
+    expected_downtime_ms: int = 0
+
+    @classmethod
+    def from_query(cls, info: dict[str, Any]) -> Sample:
+        ram = info.get("ram") or {}
+        return cls(
+            status=str(info.get("status", "")),
+            iteration=int(ram.get("dirty-sync-count", 0)),
+            remaining=int(ram.get("remaining", 0)),
+            transferred=int(ram.get("transferred", 0)),
+            dirty_pages_rate=float(ram.get("dirty-pages-rate", 0)),
+            page_size=int(ram.get("page-size", 4096)) or 4096,
+            mbps=float(ram.get("mbps", 0.0)),
+            throttle_pct=int(info.get("cpu-throttle-percentage", 0)),
+            expected_downtime_ms=int(info.get("expected-downtime", 0)),
+        )
+
+    @property
+    def dirty_bps(self) -> float:
+        return self.dirty_pages_rate * self.page_size * 8
+
+
+@dataclass(frozen=True)
+class SetParameters:
+    parameters: dict[str, Any]
+    why: str
+
+
+@dataclass(frozen=True)
+class StartPostcopy:
+    why: str
+
+
+@dataclass(frozen=True)
+class Abort:
+    reason: str
+
+
+Action = SetParameters | StartPostcopy | Abort
+
+
+@dataclass
+class _Pass:
+    iteration: int
+    remaining: int
+    dirty_bps: float
+    bandwidth_bps: float
+
+
+@dataclass
+class ConvergenceSteering:
+    """One migration's steering. Call :meth:`initial_parameters` before ``migrate``, then
+    :meth:`observe` for every sample; apply the returned actions in order."""
+
+    policy: SteeringPolicy
+    config: SteeringConfig = field(default_factory=SteeringConfig)
+    level: int = 0  # 0 precopy as is, 1 auto-converge steering, 2 post-copy requested
+    events: list[str] = field(default_factory=list)
+    _passes: deque[_Pass] = field(init=False)
+    _last_iteration: int = field(default=0, init=False)
+    _escalated_at_pass: int = field(default=0, init=False)
+    _link_bps: float | None = field(default=None, init=False)
+    _aborted: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self._passes = deque(maxlen=self.config.history)
+
+    # ----- parameters -----
+
+    def downtime_limit_ms(self) -> int:
+        c = self.config
+        overhead = self.policy.one_way_delay_s * 1000 + c.switchover_overhead_ms
+        budget = (self.policy.max_downtime_ms - overhead) * c.downtime_safety
+        return max(MIN_DOWNTIME_LIMIT_MS, int(budget))
+
+    def bandwidth_cap(self) -> int:
+        if not self.policy.cap_bandwidth or self._link_bps is None:
+            return UNCAPPED_BANDWIDTH
+        return max(1 << 20, int(self._link_bps / 8 * self.config.bandwidth_headroom))
+
+    def initial_parameters(self, link_bps: float | None = None) -> dict[str, Any]:
+        """Parameters for ``migrate-set-parameters`` before ``migrate`` (auto-converge idle)."""
+        if link_bps is not None and link_bps > 0:
+            self._link_bps = link_bps
+        c = self.config
+        return {
+            "downtime-limit": self.downtime_limit_ms(),
+            "max-bandwidth": self.bandwidth_cap(),
+            "throttle-trigger-threshold": c.idle_trigger_threshold,
+            "cpu-throttle-initial": c.idle_throttle_initial,
+            "cpu-throttle-increment": c.idle_throttle_increment,
+            "max-cpu-throttle": c.max_cpu_throttle,
+        }
+
+    def link_measured(self, link_bps: float) -> list[Action]:
+        """The transport measured the link's bandwidth: re-cap QEMU if it changed by over 10 %."""
+        if not (link_bps > 0 and math.isfinite(link_bps)):
+            return []
+        old = self._link_bps
+        self._link_bps = link_bps
+        if not self.policy.cap_bandwidth or (old is not None and abs(link_bps - old) < 0.1 * old):
+            return []
+        return [
+            SetParameters(
+                {"max-bandwidth": self.bandwidth_cap()}, f"link measured at {link_bps / 1e6:.0f} Mbit/s"
+            )
+        ]
+
+    # ----- the loop -----
+
+    def observe(self, sample: Sample, now: float) -> list[Action]:
+        if self._aborted or sample.status not in ("active", "setup"):
+            return []
+        if now >= self.policy.deadline_at:
+            self._aborted = True
+            return [Abort(self._deadline_reason(sample))]
+        if sample.iteration <= self._last_iteration:
+            return []
+        # A new pass began: judge the one that just ended.
+        self._last_iteration = sample.iteration
+        bandwidth = self._link_bps or sample.mbps * 1e6
+        self._passes.append(_Pass(sample.iteration, sample.remaining, sample.dirty_bps, bandwidth))
+        if sample.iteration < 2:
+            return []
+        return self._escalate_if_needed(sample)
+
+    def _not_converging(self) -> str | None:
+        c = self.config
+        last = self._passes[-1]
+        if last.bandwidth_bps > 0 and last.dirty_bps >= c.dirty_vs_bandwidth * last.bandwidth_bps:
+            dirty, bandwidth = last.dirty_bps / 1e6, last.bandwidth_bps / 1e6
+            return f"dirty rate {dirty:.0f} Mbit/s vs bandwidth {bandwidth:.0f} Mbit/s"
+        if len(self._passes) > c.stall_passes:
+            before = self._passes[-1 - c.stall_passes]
+            if before.remaining > 0 and last.remaining > c.stall_shrink * before.remaining:
+                return f"remaining {last.remaining >> 20} MiB did not shrink over {c.stall_passes} passes"
+        return None
+
+    def _escalate_if_needed(self, sample: Sample) -> list[Action]:
+        c = self.config
+        why = self._not_converging()
+        if why is None:
+            return []
+        passes = sample.iteration
+        if self.level == 0 and passes >= c.escalate_after_passes:
+            self.level = 1
+            self._escalated_at_pass = passes
+            self.events.append(f"auto-converge at pass {passes}: {why}")
+            return [
+                SetParameters(
+                    {
+                        "throttle-trigger-threshold": c.active_trigger_threshold,
+                        "cpu-throttle-initial": c.active_throttle_initial,
+                        "cpu-throttle-increment": c.active_throttle_increment,
+                    },
+                    f"auto-converge: {why}",
+                )
+            ]
+        if (
+            self.level == 1
+            and passes >= self._escalated_at_pass + c.postcopy_after_passes
+            and self.policy.allow_postcopy
+            and self.policy.postcopy_capable
+        ):
+            self.level = 2
+            self.events.append(f"post-copy at pass {passes}: {why} (throttle {sample.throttle_pct}%)")
+            return [StartPostcopy(f"post-copy: {why} under {sample.throttle_pct}% throttle")]
+        return []
+
+    def _deadline_reason(self, sample: Sample) -> str:
+        last = self._passes[-1] if self._passes else None
+        bandwidth = (last.bandwidth_bps if last else 0.0) or sample.mbps * 1e6
+        return (
+            f"did not converge by the deadline: {sample.remaining >> 20} MiB left after "
+            f"{sample.iteration} passes, guest dirties {sample.dirty_bps / 1e6:.0f} Mbit/s, "
+            f"link carries {bandwidth / 1e6:.0f} Mbit/s, throttle {sample.throttle_pct}%"
+            + ("" if self.policy.allow_postcopy else "; post-copy not allowed")
+        )
+
+
+def eta_seconds(sample: Sample) -> float | None:
+    """Rough time to finish: what is left at the current raw rate (None before a rate is known)."""
+    rate = sample.mbps * 1e6 / 8
+    if rate <= 0:
+        return None
+    return sample.remaining / rate
+
+
+__all__ = [
+    "UNCAPPED_BANDWIDTH",
+    "Abort",
+    "Action",
+    "ConvergenceSteering",
+    "Sample",
+    "SetParameters",
+    "StartPostcopy",
+    "SteeringConfig",
+    "SteeringPolicy",
+    "eta_seconds",
+]

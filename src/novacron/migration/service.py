@@ -1,0 +1,231 @@
+"""The migrations of one host: start, list, show, cancel; incoming sessions; recovery at start.
+
+The agent owns one :class:`MigrationService`. Outgoing migrations start here (per-host limit, one
+migration per VM); incoming sessions are handed to :meth:`MigrationService.handle_session`, whose
+first control message says what the peer wants: PREPARE starts a destination migration (refused with
+``busy`` beyond the incoming limit), QUERY/COMMIT/ABORT are a peer settling an earlier migration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from typing import Any
+
+from novacron.errors import NovacronError
+from novacron.migration import recovery
+from novacron.migration.context import DataPathFactory, MigrationHost, MigrationRequest, PeerLink, PeerSession
+from novacron.migration.control import ControlChannel
+from novacron.migration.destination import DestinationMigration
+from novacron.migration.errors import ControlProtocolError, MigrationConflict, MigrationNotFound
+from novacron.migration.messages import Prepare
+from novacron.migration.orchestrator import MigrationRun
+from novacron.migration.records import MigrationRecord
+from novacron.migration.source import SourceMigration
+from novacron.observability.log import log_event
+
+log = logging.getLogger("novacron.migration.service")
+
+FIRST_MESSAGE_TIMEOUT_S = 10.0
+MAX_FINISHED_RUNS = 64  # finished runs kept in memory (their records stay in the store)
+SHUTDOWN_WAIT_S = 30.0
+
+
+def new_migration_id() -> str:
+    """Sortable by start time, unique: ``m<unix seconds hex><6 random hex>``."""
+    return f"m{int(time.time()):x}{secrets.token_hex(3)}"
+
+
+class MigrationService:
+    def __init__(self, host: MigrationHost, peers: PeerLink, factory: DataPathFactory) -> None:
+        self.host = host
+        self.peers = peers
+        self.factory = factory
+        self._runs: dict[str, MigrationRun] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    # ----- counts -----
+
+    def _active(self, role: str) -> list[MigrationRun]:
+        return [r for r in self._runs.values() if r.role == role and not r.done.is_set()]
+
+    def active_vms(self) -> set[str]:
+        return {r.vm for r in self._runs.values() if not r.done.is_set()}
+
+    # ----- outgoing -----
+
+    async def migrate(self, request: MigrationRequest) -> SourceMigration:
+        if self._closing:
+            raise MigrationConflict("the agent is shutting down", vm=request.vm)
+        if request.destination == self.host.node:
+            raise MigrationConflict("the VM is already on this host", vm=request.vm, node=self.host.node)
+        self.peers.address(request.destination)  # UnknownPeer early, before any record
+        if request.vm in self.active_vms():
+            raise MigrationConflict(f"VM {request.vm!r} is already migrating", vm=request.vm)
+        limit = self.host.config.max_outgoing
+        if len(self._active("source")) >= limit:
+            raise MigrationConflict(
+                "this host is at its limit of outgoing migrations", limit=limit, vm=request.vm
+            )
+        await self.host.inventory.get(request.vm)  # VMNotFound before a record is written
+        run = SourceMigration(self.host, new_migration_id(), request, self.peers, self.factory)
+        await run.create_record()
+        self._track(run)
+        log_event(log, "migration.started", migration=run.id, vm=request.vm, destination=request.destination)
+        return run
+
+    def _track(self, run: MigrationRun) -> None:
+        self._runs[run.id] = run
+        task = run.start()
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        finished = [r for r in self._runs.values() if r.done.is_set()]
+        for old in finished[: max(0, len(finished) - MAX_FINISHED_RUNS)]:
+            self._runs.pop(old.id, None)
+
+    # ----- queries -----
+
+    def live(self, migration_id: str) -> MigrationRun | None:
+        return self._runs.get(migration_id)
+
+    async def show(self, migration_id: str) -> dict[str, Any]:
+        run = self._runs.get(migration_id)
+        if run is not None and not run.done.is_set():
+            return run.snapshot()
+        records = await self.host.records.any_role(migration_id)
+        if not records:
+            raise MigrationNotFound(f"no migration {migration_id!r} on this host", migration=migration_id)
+        data = records[0].model_dump(mode="json")
+        data["live"] = False
+        return data
+
+    async def list(self) -> list[dict[str, Any]]:
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        for rec in await self.host.records.list():
+            data = rec.model_dump(mode="json")
+            data["live"] = False
+            out[(rec.id, rec.role)] = data
+        for run in self._runs.values():
+            if not run.done.is_set():
+                out[(run.id, run.role)] = run.snapshot()
+        return sorted(out.values(), key=lambda d: d.get("created_at", 0.0), reverse=True)
+
+    async def cancel(self, migration_id: str, reason: str = "cancelled by the operator") -> dict[str, Any]:
+        run = self._runs.get(migration_id)
+        if run is None or run.done.is_set():
+            if not await self.host.records.any_role(migration_id):
+                raise MigrationNotFound(f"no migration {migration_id!r} on this host", migration=migration_id)
+            raise MigrationConflict(f"migration {migration_id} is not running here", migration=migration_id)
+        run.cancel(reason)
+        return run.snapshot()
+
+    async def wait(self, migration_id: str) -> MigrationRecord:
+        run = self._runs.get(migration_id)
+        if run is None:
+            return (await self.host.records.any_role(migration_id))[0]
+        return await run.wait()
+
+    # ----- incoming -----
+
+    async def handle_session(self, session: PeerSession, peer_node: str) -> None:
+        """Serve one session a peer opened: a new incoming migration, or a settling conversation."""
+        raw = await session.control.recv_message()
+        if raw is None:
+            await session.close()
+            return
+        from novacron.migration.messages import decode  # noqa: PLC0415 - keep the import graph flat
+
+        try:
+            first = decode(raw)
+        except ControlProtocolError as exc:
+            log_event(log, "migration.bad_first_message", logging.WARNING, peer=peer_node, error=str(exc))
+            await session.close()
+            return
+        control = ControlChannel(
+            session.control, vm=getattr(first, "vm", "?"), peer=peer_node, migration_id=first.migration_id
+        )
+        if isinstance(first, Prepare):
+            if first.source_node != peer_node:
+                log_event(
+                    log,
+                    "migration.identity_mismatch",
+                    logging.WARNING,
+                    peer=peer_node,
+                    claimed=first.source_node,
+                )
+                await control.close()
+                await session.close()
+                return
+            busy = None
+            if self._closing:
+                busy = "the agent is shutting down"
+            elif len(self._active("destination")) >= self.host.config.max_incoming:
+                busy = (
+                    f"{self.host.node} is at its limit of {self.host.config.max_incoming} incoming migrations"
+                )
+            elif first.vm in self.active_vms():
+                busy = f"VM {first.vm} is already migrating on {self.host.node}"
+            run = DestinationMigration(
+                self.host, first, control, session, self.factory, peers=self.peers, busy=busy
+            )
+            await run.create_record()
+            control.start()
+            self._track(run)
+            return
+        control.start()
+        try:
+            await recovery.answer(self.host, control, first)
+        except (NovacronError, OSError) as exc:
+            log_event(log, "migration.settle_answer_failed", logging.WARNING, peer=peer_node, error=str(exc))
+        finally:
+            await control.close()
+            with contextlib.suppress(NovacronError, OSError):
+                await session.close()
+
+    # ----- start and stop -----
+
+    async def recover(self) -> None:
+        """Settle every unfinished record of this host (restart) and kill orphan incoming QEMUs."""
+        for record in await self.host.records.unfinished():
+            task = asyncio.create_task(self._settle(record), name=f"settle-{record.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        killed = await recovery.orphan_incoming(self.host)
+        if killed:
+            log_event(log, "migration.orphans_killed", vms=",".join(killed))
+
+    async def _settle(self, record: MigrationRecord) -> None:
+        settle = recovery.settle_source if record.role == "source" else recovery.settle_destination
+        while not self._closing:
+            try:
+                result = await settle(self.host, self.peers, record)
+            except (NovacronError, OSError) as exc:
+                log_event(log, "migration.settle_error", logging.WARNING, migration=record.id, error=str(exc))
+                result = None
+            if result is not None:
+                return
+            record = await self.host.records.get(record.id, record.role)
+            if record.final:
+                return
+            await asyncio.sleep(self.host.config.in_doubt_retry_s)  # a retry period, not synchronisation
+
+    async def close(self) -> None:
+        """Graceful stop: cancel what can still go back, wait (bounded) for the rest."""
+        self._closing = True
+        for run in list(self._runs.values()):
+            if not run.done.is_set() and run.machine.cancellable:
+                with contextlib.suppress(NovacronError):
+                    run.cancel("the agent is shutting down")
+        pending = [r.done.wait() for r in self._runs.values() if not r.done.is_set()]
+        if pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*pending), SHUTDOWN_WAIT_S)
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, NovacronError):
+                await task
