@@ -177,7 +177,7 @@ def _improve_by_windows(
     for vm_name, host in assignment.items():
         on_host[occ.index[host]].add(vm_name)
     half = max(1, min(limits.window_hosts, len(full.hosts)) // 2)
-    windows = solved = 0
+    windows = solved = relocated = 0
     while windows < limits.max_windows:
         remaining = deadline - time.perf_counter()
         if remaining < min(limits.window_time_s, 0.2):
@@ -223,11 +223,15 @@ def _improve_by_windows(
                 _apply(occ, by_name[move.vm], move.dst, move.src)
             continue
         solved += 1
+        relocated += len(result.moves)
         for move in result.moves:
             on_host[occ.index[move.src]].discard(move.vm)
             on_host[occ.index[move.dst]].add(move.vm)
             assignment[move.vm] = move.dst
-    note = f"CP-SAT over windows: {solved} of {windows} windows of {2 * half} hosts kept"
+    note = (
+        f"CP-SAT over windows: {solved} of {windows} windows of {2 * half} hosts kept, "
+        f"{relocated} VM relocations"
+    )
     if solved == 0:
         return _fallback(start, started, f"no window solved in time ({windows} tried)")
     moves = [
