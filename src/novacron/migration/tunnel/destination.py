@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from novacron.dwcp.encoding import BaselineStore, CacheArena
+from novacron.dwcp.encoding import BaselineStore, CacheArena, HdeDecodeError
 from novacron.dwcp.transport import TransportError
 from novacron.migration.datapath import (
     CHANNEL_QEMU_MAIN,
@@ -416,7 +416,11 @@ class DestinationTunnel:
         since_ack = 0
         while (msg := await pages.recv_message()) is not None:
             self._transport_bytes += len(msg)
-            for out in dec.receive(msg):
+            try:
+                outs = dec.receive(msg)
+            except HdeDecodeError as exc:
+                raise TunnelError(f"corrupted HDE batch: {exc}", vm=self.vm, record=dec.received - 1) from exc
+            for out in outs:
                 await self._apply(out)
             since_ack += 1
             if since_ack >= self.limits.ack_every_records:
