@@ -279,6 +279,67 @@ async def timed(histogram: Histogram, *labels: str) -> AsyncIterator[None]:
         histogram.labels(*labels).observe(time.perf_counter() - start)
 
 
+# ==================================================================================================
+# DWCP transport (AMST). Added by the transport (issue 4); updated only through
+# novacron.dwcp.transport.metrics.PrometheusObserver. Label values are fixed sets.
+# ==================================================================================================
+TRANSPORT_DIRECTIONS: Final = ("sent", "received")
+TRANSPORT_LOSS_CAUSES: Final = ("reset", "closed", "stalled", "protocol")
+_RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5)
+
+TRANSPORT_BYTES = Counter(
+    "novacron_dwcp_transport_bytes_total",
+    "Application bytes carried by AMST: acknowledged by the peer (sent) or delivered in order (received).",
+    ["direction"],
+    registry=REGISTRY,
+)
+TRANSPORT_GOODPUT = Gauge(
+    "novacron_dwcp_goodput_bits_per_second",
+    "Latest goodput sample of every open AMST session, summed, by direction.",
+    ["direction"],
+    registry=REGISTRY,
+)
+TRANSPORT_RTT = Histogram(
+    "novacron_dwcp_rtt_seconds",
+    "Round-trip times measured by AMST with PING/PONG frames.",
+    buckets=_RTT_BUCKETS,
+    registry=REGISTRY,
+)
+TRANSPORT_STREAMS = Gauge(
+    "novacron_dwcp_streams", "Live TCP/TLS streams of all open AMST sessions.", registry=REGISTRY
+)
+TRANSPORT_STREAM_FAILURES = Counter(
+    "novacron_dwcp_stream_failures_total",
+    "AMST streams lost mid-session, by cause (reset, closed, stalled, protocol).",
+    ["cause"],
+    registry=REGISTRY,
+)
+TRANSPORT_CHUNKS_RETRANSMITTED = Counter(
+    "novacron_dwcp_chunks_retransmitted_total",
+    "Chunks resent on another stream because the stream that carried them was lost.",
+    registry=REGISTRY,
+)
+TRANSPORT_TCP_RETRANSMITS = Counter(
+    "novacron_dwcp_tcp_retransmits_total",
+    "TCP segments the kernel retransmitted on AMST streams (from TCP_INFO).",
+    registry=REGISTRY,
+)
+TRANSPORT_STREAM_TARGET_CHANGES = Counter(
+    "novacron_dwcp_stream_target_changes_total",
+    "Stream-count controller decisions, by direction (up, down).",
+    ["direction"],
+    registry=REGISTRY,
+)
+
+
+def check_transport_direction(direction: str) -> str:
+    return _check(direction, TRANSPORT_DIRECTIONS, "direction")
+
+
+def check_loss_cause(cause: str) -> str:
+    return _check(cause, TRANSPORT_LOSS_CAUSES, "cause")
+
+
 __all__ = [
     "API_LATENCY",
     "API_RATE_LIMITED",
@@ -309,4 +370,18 @@ __all__ = [
     "session_closed",
     "session_opened",
     "timed",
+]
+__all__ += [
+    "TRANSPORT_BYTES",
+    "TRANSPORT_CHUNKS_RETRANSMITTED",
+    "TRANSPORT_DIRECTIONS",
+    "TRANSPORT_GOODPUT",
+    "TRANSPORT_LOSS_CAUSES",
+    "TRANSPORT_RTT",
+    "TRANSPORT_STREAMS",
+    "TRANSPORT_STREAM_FAILURES",
+    "TRANSPORT_STREAM_TARGET_CHANGES",
+    "TRANSPORT_TCP_RETRANSMITS",
+    "check_loss_cause",
+    "check_transport_direction",
 ]
