@@ -17,6 +17,7 @@ from novacron.testing import (
     LinkSpec,
     WanConfigError,
     WanEmulator,
+    WanError,
     WanStats,
     cleanup_leftovers,
     find_instances,
@@ -164,10 +165,12 @@ def test_rate_limit_holds_tcp_to_the_configured_rate() -> None:
         before = wan.stats_blocking().link("a", "b")
         result = tcp_transfer(wan, "a", "b", seconds=3.0)
         after = wan.stats_blocking().link("a", "b")
-    # TCP payload is at most 1448 of every 1500 bytes on the wire; slow start costs a little.
-    assert 0.85 * rate <= result.goodput_bps <= 0.97 * rate
-    wire_bps = (after.fwd_bytes - before.fwd_bytes) * 8 / result.seconds
-    assert wire_bps <= rate * 1.02
+    # TCP payload is at most 1448 of every 1500 bytes on the wire; slow start costs a little. (Typical:
+    # 94-95% goodput, 97-99% on the wire. The lower bound leaves room for a busy shared machine.)
+    share = result.goodput_bps / rate
+    assert 0.80 <= share <= 0.97, f"goodput {share:.1%} of the rate"
+    wire_share = (after.fwd_bytes - before.fwd_bytes) * 8 / result.seconds / rate
+    assert wire_share <= 1.02, f"wire rate {wire_share:.1%} of the configured rate"
 
 
 def test_random_loss_matches_the_configured_probability() -> None:
@@ -376,6 +379,13 @@ async def test_teardown_after_cancellation() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not names & set(list_namespaces())
+
+
+def test_a_failed_start_removes_what_it_created() -> None:
+    wan = WanEmulator(["a", "b"], sysctls={"net.ipv4.no_such_setting": "1"})
+    with pytest.raises(WanError, match="cannot set sysctl"):
+        wan.start()
+    assert not _our_namespaces(wan) & set(list_namespaces())
 
 
 _CRASHING_OWNER = """
