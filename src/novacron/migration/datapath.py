@@ -120,6 +120,8 @@ class DataPathStats:
     qemu_main_bytes: int = 0  # of which on QEMU's main channel
     transport_bytes: int = 0  # bytes handed to (source) or taken from (destination) the transport
     buffered_bytes: int = 0  # taken from QEMU but not yet delivered to the destination QEMU
+    inflight_wire_bytes: int = 0  # bytes handed to the transport and not yet consumed by the peer
+    window_bytes: int = 0  # the most the data path lets be in flight now: drains in window / bandwidth
     pages: PageCounts = field(default_factory=PageCounts)
     packets: int = 0  # multifd packets parsed
     syncs: int = 0  # of which with the SYNC flag

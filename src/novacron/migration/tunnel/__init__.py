@@ -9,7 +9,7 @@ from novacron.migration.tunnel.destination import DestinationTunnel
 from novacron.migration.tunnel.errors import MultifdFormatError, RecordError, TunnelError
 from novacron.migration.tunnel.limits import TunnelConfigError, TunnelLimits
 from novacron.migration.tunnel.settings import passthrough_settings, path_for, settings_for, tunnel_settings
-from novacron.migration.tunnel.source import SourceTunnel, amst_bandwidth
+from novacron.migration.tunnel.source import SourceTunnel, amst_bandwidth, amst_rtt
 
 __all__ = [
     "DestinationTunnel",
@@ -20,6 +20,7 @@ __all__ = [
     "TunnelError",
     "TunnelLimits",
     "amst_bandwidth",
+    "amst_rtt",
     "passthrough_settings",
     "path_for",
     "settings_for",

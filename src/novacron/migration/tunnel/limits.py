@@ -18,16 +18,18 @@ class TunnelConfigError(UserError):
 class TunnelLimits:
     # ---- QEMU connections (source listener and destination connections) ----
     max_channels: int = 64  # multifd connections per migration (QEMU allows 1..255; 4-16 in practice)
-    read_chunk: int = 1 * MiB  # one read from a QEMU socket
+    read_chunk: int = 256 * KiB  # one read from a QEMU socket (and the read-ahead per connection)
     max_pages_alloc: int = 1024  # pages per multifd packet accepted for parsing (QEMU 7.2: 128)
     classify_timeout_s: float = 10.0  # a new QEMU connection must say what it is within this time
     connect_timeout_s: float = 10.0  # the destination QEMU must accept our connection within this time
     # ---- buffering (bounded by the downtime budget: everything buffered must drain in the pause) ----
-    merge_queue_packets: int = 8  # parsed packets waiting for the encoder, all channels together
-    inflight_floor: int = 2 * MiB  # wire bytes sent but not yet decoded by the peer, at least
+    merge_queue_packets: int = 4  # parsed packets waiting for the encoder, all channels together
+    inflight_floor: int = 1 * MiB  # wire bytes sent but not yet decoded by the peer, at least
     inflight_ceiling: int = 64 * MiB  # ... and at most
-    inflight_target_s: float = 0.15  # ... else this much link time at the measured bandwidth
-    channel_queue_bytes: int = 4 * MiB  # destination: rebuilt bytes waiting for one QEMU channel
+    inflight_rtts: float = 2.0  # ... else this many round trips at the measured bandwidth
+    inflight_slack_s: float = 0.02  # ... plus this much time (decode, acknowledgement delay)
+    inflight_target_s: float = 0.1  # ... or this much link time while the RTT is unknown
+    channel_queue_bytes: int = 1 * MiB  # destination: rebuilt bytes waiting for one QEMU channel
     held_records: int = 4096  # destination: records held while a repair is outstanding
     # ---- records ----
     main_message_bytes: int = 256 * KiB  # largest main-channel message (raw bytes per message)
@@ -53,9 +55,10 @@ class TunnelLimits:
         if self.max_record_bytes < 2 * MiB or self.main_message_bytes > self.max_record_bytes // 2:
             raise TunnelConfigError("max_record_bytes must hold a full multifd packet and a main message")
 
-    def inflight_bytes(self, bandwidth_bytes_per_s: float | None) -> int:
-        """The wire-byte window for the current bandwidth estimate."""
+    def inflight_bytes(self, bandwidth_bytes_per_s: float | None, rtt_s: float | None = None) -> int:
+        """The wire-byte window: enough to keep the link busy, little enough to drain in the downtime."""
         if not bandwidth_bytes_per_s or bandwidth_bytes_per_s <= 0:
             return self.inflight_floor
-        want = int(bandwidth_bytes_per_s * self.inflight_target_s)
+        span = self.inflight_rtts * rtt_s + self.inflight_slack_s if rtt_s else self.inflight_target_s
+        want = int(bandwidth_bytes_per_s * span)
         return max(self.inflight_floor, min(self.inflight_ceiling, want))

@@ -88,6 +88,7 @@ from novacron.observability.log import log_event
 log = logging.getLogger("novacron.migration.tunnel.source")
 
 SOURCE_SOCKET = "qemu-src.sock"
+WINDOW_REFRESH_S = 0.05  # how often the window follows the transport's bandwidth and RTT
 
 
 def raw_label(index: int | None) -> str:
@@ -130,6 +131,7 @@ class SourceTunnel:
         limits: TunnelLimits | None = None,
         baseline: BaselineStore | None = None,
         bandwidth: Callable[[], float | None] | None = None,
+        rtt: Callable[[], float | None] | None = None,
         arena: CacheArena | None = None,
         compress_main: bool = True,
         corrupt_batch: int | None = None,
@@ -147,6 +149,8 @@ class SourceTunnel:
         self._cost = cost
         self._store = baseline
         self._bandwidth = bandwidth
+        self._rtt = rtt
+        self._window_cache = (0.0, self.limits.inflight_floor)  # (computed at, bytes)
         self._arena = arena
         self._compress_main = compress_main
         self._corrupt_batch = corrupt_batch
@@ -193,7 +197,7 @@ class SourceTunnel:
         if self.kind is DataPathKind.TUNNEL:
             self._start_hde(peer_summary)
         self._server = await asyncio.start_unix_server(
-            self._on_connection, path=str(path), limit=2 * self.limits.read_chunk
+            self._on_connection, path=str(path), limit=self.limits.read_chunk
         )
         os.chmod(path, 0o600)
         self._socket = path
@@ -230,6 +234,11 @@ class SourceTunnel:
         self._tasks.spawn(self._encode_loop(), "encode")
         self._return_task = self._tasks.spawn(self._return_loop(), "acks")
 
+    def _inflight_wire(self) -> int:
+        if self.kind is DataPathKind.PASSTHROUGH:
+            return sum(ch.buffered_bytes for ch in self._raws.values())
+        return self._inflight_bytes
+
     def buffered_bytes(self) -> int:
         if self.kind is DataPathKind.PASSTHROUGH:
             return sum(ch.buffered_bytes for ch in self._raws.values())
@@ -244,6 +253,8 @@ class SourceTunnel:
             qemu_main_bytes=self._qemu_main_bytes,
             transport_bytes=self._transport_bytes,
             buffered_bytes=self.buffered_bytes(),
+            inflight_wire_bytes=self._inflight_wire(),
+            window_bytes=self._window(),
             pages=page_counts(hde.stats.pages_by_kind if hde else [0] * 9, self._raw_pages),
             packets=enc.packets if enc else 0,
             syncs=enc.syncs if enc else 0,
@@ -441,6 +452,10 @@ class SourceTunnel:
         data = head
         while data:
             self._taken(len(data), main)
+            # Bound what the transport holds for this connection (its share of the window): what is
+            # in flight at switchover adds to the downtime.
+            if ch.buffered_bytes >= max(self.limits.read_chunk, self._window() // (1 + len(self._raws))):
+                await ch.drain()
             await ch.write(data)
             self._transport_bytes += len(data)
             data = await reader.read(self.limits.read_chunk)
@@ -518,8 +533,14 @@ class SourceTunnel:
         self._transport_bytes += len(data)
 
     def _window(self) -> int:
-        bw = self._bandwidth() if self._bandwidth is not None else None
-        return self.limits.inflight_bytes(bw)
+        at, window = self._window_cache
+        now = time.monotonic()
+        if now - at >= WINDOW_REFRESH_S:
+            bw = self._bandwidth() if self._bandwidth is not None else None
+            rtt = self._rtt() if self._rtt is not None else None
+            window = self.limits.inflight_bytes(bw, rtt)
+            self._window_cache = (now, window)
+        return window
 
     def _may_send(self) -> bool:
         return self._inflight_bytes < self._window() or self._error is not None
@@ -601,5 +622,14 @@ def amst_bandwidth(session: AmstSession) -> Callable[[], float | None]:
     def probe() -> float | None:
         bits = session.monitor.rate_estimate(loop.time())
         return bits / 8 if bits else None
+
+    return probe
+
+
+def amst_rtt(session: AmstSession) -> Callable[[], float | None]:
+    """The AMST session's smoothed round-trip time in seconds, for ``rtt=``."""
+
+    def probe() -> float | None:
+        return session.metrics().rtt_s
 
     return probe
