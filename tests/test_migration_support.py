@@ -90,6 +90,7 @@ class PipeSession:
     mode_value: Mode | None = Mode.DATACENTER
     data: DataSession | None = None
     router: ChannelRouter | None = None
+    link_bps: float | None = None  # what a transport would have measured
     closed: bool = False
 
     def mode(self) -> Mode | None:
@@ -99,7 +100,7 @@ class PipeSession:
         return 0.0002
 
     def bandwidth_bps(self) -> float | None:
-        return None
+        return self.link_bps
 
     def wire_bytes(self) -> int:
         return 0
@@ -123,6 +124,7 @@ class PipeLink:
     addresses: dict[str, tuple[str, int]] = field(default_factory=dict)
     sessions: list[tuple[PipeChannel, PipeChannel]] = field(default_factory=list)
     refuse: set[str] = field(default_factory=set)  # nodes that cannot be reached right now
+    link_bps: float | None = None  # announced to the source's steering (caps QEMU on the direct path)
 
     def address(self, node: str) -> tuple[str, int]:
         if node not in self.addresses:
@@ -137,7 +139,7 @@ class PipeLink:
         self.sessions.append((ours, theirs))
         service = self.services[node]
         asyncio.get_running_loop().create_task(service.handle_session(PipeSession(theirs), self.me))
-        return PipeSession(ours)
+        return PipeSession(ours, link_bps=self.link_bps)
 
     def cut_all(self, reason: str = "link cut") -> None:
         for ours, _ in self.sessions:

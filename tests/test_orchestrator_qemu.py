@@ -5,7 +5,10 @@ running exactly once, its memory intact and a record that says what happened."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,6 +19,8 @@ from novacron.dwcp.mode import Mode
 from novacron.guest.control import GuestControl
 from novacron.hypervisor.driver import VMState
 from novacron.migration.context import MigrationRequest
+from novacron.migration.converge import SteeringConfig
+from novacron.migration.orchestrator import MigrationRun
 from novacron.migration.phases import Phase
 from novacron.vm.service import VMService
 from test_migration_support import SimHost, two_hosts
@@ -76,7 +81,6 @@ async def test_direct_migration_moves_the_running_guest(hosts: tuple[SimHost, Si
     assert [e.phase for e in record.history][:3] == [Phase.PREPARE, Phase.CONNECT, Phase.PRECOPY]
     assert record.data_path == "direct" and record.mode == "datacenter"
     assert record.downtime_ms is not None and 0 < record.downtime_ms < 2000
-    print("first migration:", record.downtime_ms, "ms downtime", record.progress, record.events)
     assert record.progress.bytes_raw > 10 << 20  # the guest's memory went across
     dest = await b.host.records.get(run.id, "destination")
     assert dest.phase is Phase.DONE and dest.resumed
@@ -95,3 +99,110 @@ async def test_direct_migration_moves_the_running_guest(hosts: tuple[SimHost, Si
     assert await running_copies(a, b, "g1") == ["hosta"]
     corrupted3, checksum3, _ = await guest_facts(a, "g1")
     assert corrupted3 == 0 and checksum3 == checksum
+
+
+async def assert_runs_once_intact(a: SimHost, b: SimHost, name: str, on: str, checksum: str) -> None:
+    assert await running_copies(a, b, name) == [on]
+    host = a if on == a.name else b
+    corrupted, checksum_now, _ = await guest_facts(host, name)
+    assert corrupted == 0 and checksum_now == checksum
+
+
+async def test_refused_for_capacity_then_boot_files_shipped(hosts: tuple[SimHost, SimHost]) -> None:
+    a, b = hosts
+    await boot(a, "g2")
+    _, checksum, _ = await guest_facts(a, "g2")
+    b.host.config = dataclasses.replace(b.host.config, capacity_mib=100, trust_source_paths=False)
+
+    run = await a.service.migrate(MigrationRequest("g2", "hostb", mode=Mode.DATACENTER))
+    record = await asyncio.wait_for(run.wait(), 60)
+    assert record.outcome == "failed" and record.error is not None
+    assert record.error.kind == "MigrationRefused" and record.error.context["code"] == "capacity"
+    assert "needs 192 MiB" in record.error.message
+    dest = await b.host.records.get(run.id, "destination")
+    assert dest.outcome == "failed" and dest.error is not None and dest.error.context["code"] == "capacity"
+    await assert_runs_once_intact(a, b, "g2", "hosta", checksum)
+    assert not b.driver.is_defined("g2")
+
+    # Room now; hostb ignores paths named by the source, so the kernel and initrd are shipped.
+    b.host.config = dataclasses.replace(b.host.config, capacity_mib=None)
+    run = await a.service.migrate(MigrationRequest("g2", "hostb", mode=Mode.DATACENTER))
+    record = await asyncio.wait_for(run.wait(), 120)
+    assert record.outcome == "done", record.error
+    assert any("shipping kernel" in e for e in record.events) and any(
+        "shipping initrd" in e for e in record.events
+    )
+    spec = b.driver.spec("g2")
+    assert spec.kernel is not None and spec.kernel.is_relative_to(b.host.artefact_cache)
+    await assert_runs_once_intact(a, b, "g2", "hostb", checksum)
+
+
+async def test_cannot_converge_under_a_strict_deadline(hosts: tuple[SimHost, SimHost]) -> None:
+    a, b = hosts
+    a.link.link_bps = 160e6  # QEMU is capped near 20 MB/s; the guest dirties 24 MB/s of a 24 MiB set
+    a.host.config = dataclasses.replace(a.host.config, steering=SteeringConfig(escalate_after_passes=2))
+    await boot(a, "g3", ws_mib=24, dirty_rate=6000, dirty_bytes=4000, rewrite_rate=0)
+    _, checksum, _ = await guest_facts(a, "g3")
+    request = MigrationRequest("g3", "hostb", mode=Mode.DATACENTER, deadline_s=10, max_downtime_ms=50)
+    run = await a.service.migrate(request)
+    record = await asyncio.wait_for(run.wait(), 90)
+    assert record.outcome == "failed" and record.error is not None
+    assert record.error.kind == "MigrationDiverged"
+    assert "did not converge by the deadline" in record.error.message
+    assert record.progress.iteration >= 2
+    assert any(e.startswith("auto-converge") for e in record.events), record.events
+    dest = await b.host.records.get(run.id, "destination")
+    assert dest.outcome == "failed" and not dest.resumed
+    await assert_runs_once_intact(a, b, "g3", "hosta", checksum)
+    assert not b.driver.is_defined("g3")
+
+
+async def wait_phase(run: MigrationRun, phases: set[Phase], timeout_s: float = 60) -> None:
+    assert await run.wait_phase(phases, timeout_s) in phases
+
+
+async def test_destination_qemu_killed_mid_precopy(hosts: tuple[SimHost, SimHost]) -> None:
+    a, b = hosts
+    a.link.link_bps = 40e6
+    await boot(a, "g4")
+    _, checksum, _ = await guest_facts(a, "g4")
+    run = await a.service.migrate(MigrationRequest("g4", "hostb", mode=Mode.DATACENTER))
+    await wait_phase(run, {Phase.PRECOPY})
+    status = await b.driver.status("g4")
+    assert status.state is VMState.INCOMING and status.pid is not None
+    os.kill(status.pid, signal.SIGKILL)
+    record = await asyncio.wait_for(run.wait(), 60)
+    assert record.outcome == "failed" and record.error is not None
+    dest = await b.host.records.get(run.id, "destination")
+    assert dest.outcome == "failed" and dest.error is not None
+    assert "QEMU" in dest.error.message or "QEMU" in record.error.message
+    await assert_runs_once_intact(a, b, "g4", "hosta", checksum)
+
+
+async def test_control_link_cut_mid_precopy_and_cancel(hosts: tuple[SimHost, SimHost]) -> None:
+    a, b = hosts
+    a.link.link_bps = 40e6
+    await boot(a, "g5")
+    _, checksum, _ = await guest_facts(a, "g5")
+    run = await a.service.migrate(MigrationRequest("g5", "hostb", mode=Mode.DATACENTER))
+    await wait_phase(run, {Phase.PRECOPY})
+    a.link.cut_all("link cut")
+    record = await asyncio.wait_for(run.wait(), 60)
+    assert record.outcome == "failed" and record.error is not None and record.error.kind == "PeerLost"
+    dest_run = b.service.live(run.id)
+    assert dest_run is not None
+    dest = await asyncio.wait_for(dest_run.wait(), 60)
+    assert dest.outcome == "failed" and not dest.resumed
+    await assert_runs_once_intact(a, b, "g5", "hosta", checksum)
+    assert not b.driver.is_defined("g5")
+
+    # The operator cancels the next attempt in precopy: both sides roll back, the record says so.
+    run = await a.service.migrate(MigrationRequest("g5", "hostb", mode=Mode.DATACENTER))
+    await wait_phase(run, {Phase.PRECOPY})
+    await a.service.cancel(run.id)
+    record = await asyncio.wait_for(run.wait(), 60)
+    assert record.phase is Phase.CANCELLED and record.outcome == "cancelled"
+    assert record.error is not None and "cancelled by the operator" in record.error.message
+    dest = await asyncio.wait_for(b.service.wait(run.id), 60)
+    assert dest.outcome in ("cancelled", "failed")
+    await assert_runs_once_intact(a, b, "g5", "hosta", checksum)

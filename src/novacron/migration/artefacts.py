@@ -85,9 +85,11 @@ async def describe(spec: VMSpec) -> list[ArtefactRef]:
     return refs
 
 
-async def find_local(ref: ArtefactRef, cache: Path) -> Path | None:
-    """A file on this host with the artefact's content: the same path, or a received copy."""
-    for candidate in (Path(ref.path), cache / ref.digest / ref.role):
+async def find_local(ref: ArtefactRef, cache: Path, *, same_path: bool = True) -> Path | None:
+    """A file on this host with the artefact's content: the same path (if ``same_path``), or a
+    received copy."""
+    candidates = [Path(ref.path)] if same_path else []
+    for candidate in (*candidates, cache / ref.digest / ref.role):
         try:
             if (
                 candidate.is_file()

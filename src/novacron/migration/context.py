@@ -55,6 +55,8 @@ class MigrationConfig:
     record_progress_every_s: float = 2.0  # progress snapshots written to the record
     mode_decision_s: float = 2.0  # wait at most this for the session's mode detector
     capacity_mib: int | None = None  # RAM this host gives VMs (None: from /proc/meminfo)
+    # Use a boot file at the path the source names when its digest matches (else only shipped copies).
+    trust_source_paths: bool = True
     verify_guest: bool = True  # test guests: their control channel must answer after resume
     guest_check_timeout_s: float = 10.0
     query_timeout_s: float = 10.0  # recovery: waiting for the peer's answer

@@ -145,7 +145,7 @@ class DestinationMigration(MigrationRun):
                 await self._rollback(MigrationError(f"internal error: {exc!r}", **self.ctx()))
         finally:
             await self._cleanup()
-            self.done.set()
+            await self.mark_done()
 
     async def _cleanup(self) -> None:
         if self.path is not None:
@@ -274,7 +274,7 @@ class DestinationMigration(MigrationRun):
         found: dict[str, Path] = {}
         missing = []
         for ref in self.prepare.artefacts:
-            local = await artefacts.find_local(ref, cache)
+            local = await artefacts.find_local(ref, cache, same_path=self.host.config.trust_source_paths)
             if local is None:
                 missing.append(ref)
             else:

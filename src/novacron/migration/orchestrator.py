@@ -55,6 +55,7 @@ class MigrationRun:
         self._cancel_reason = ""
         self._task: asyncio.Task[None] | None = None
         self._last_progress_write = 0.0
+        self._phase_changed = asyncio.Condition()
 
     # ----- identity and errors -----
 
@@ -74,6 +75,8 @@ class MigrationRun:
         """Move to ``phase``: legal move checked, record written (before the phase's side effects)."""
         self.machine.advance(phase, self.loop.time())
         self.record = await self.host.records.update(self.id, self.role, phase=phase, **changes)
+        async with self._phase_changed:
+            self._phase_changed.notify_all()
         log_event(
             log,
             "migration.phase",
@@ -111,6 +114,17 @@ class MigrationRun:
             raise MigrationTimeout(
                 f"phase {phase} did not finish in time", **self.ctx(timeout_s=round(limit, 3))
             ) from None
+
+    async def wait_phase(self, phases: set[Phase] | frozenset[Phase], timeout_s: float) -> Phase:
+        """Wait until the run is in one of ``phases`` (or has ended); the phase it is in."""
+        async with self._phase_changed, asyncio.timeout(timeout_s):
+            await self._phase_changed.wait_for(lambda: self.phase in phases or self.done.is_set())
+        return self.phase
+
+    async def mark_done(self) -> None:
+        self.done.set()
+        async with self._phase_changed:
+            self._phase_changed.notify_all()
 
     def remaining(self) -> float:
         return self.machine.remaining(self.loop.time())

@@ -197,7 +197,7 @@ class SourceMigration(MigrationRun):
         finally:
             await self._cleanup()
             self._observe_metrics()
-            self.done.set()
+            await self.mark_done()
 
     async def _cleanup(self) -> None:
         if self.path is not None:
@@ -435,13 +435,14 @@ class SourceMigration(MigrationRun):
                 )
             if self.lock is not None and self.lock.lost.is_set():
                 raise self.error(MigrationError, "migration lock lost (store unreachable)")
-            if self.machine.timed_out(self.loop.time()):
-                raise self.error(MigrationDiverged if self.phase is Phase.CONVERGE else MigrationError,
-                                 f"phase {self.phase} timed out")  # fmt: skip
             info = await monitor.query_migrate()
             sample = Sample.from_query(info)
             self._qemu_status = sample.status
             await self._observe(sample, info)
+            if self.machine.timed_out(self.loop.time()):
+                if self.phase in (Phase.PRECOPY, Phase.CONVERGE) and self.steering is not None:
+                    await self._steer(sample)  # at the deadline: raises with the steering's reason
+                raise self.error(MigrationDiverged, f"phase {self.phase} timed out")
             if sample.status == "completed" or monitor.state.status == "completed":
                 if self.phase in (Phase.PRECOPY, Phase.CONVERGE):
                     await self.enter(Phase.SWITCHOVER)
