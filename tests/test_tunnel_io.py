@@ -281,3 +281,104 @@ async def test_destination_qemu_going_away_fails_the_path(
         await src.finish()
     assert dst.stats().error and src.stats().error
     await asyncio.gather(src.abort("test"), dst.abort("test"), src.close(), dst.close())
+
+
+# ------------------------------------------------------------------------------- merge order (barrier)
+
+
+class RecordingChannel:
+    """Collects what the source tunnel sends; never answers (the records here fit in the window)."""
+
+    def __init__(self, kind: str, label: str | None) -> None:
+        self.kind, self.label = kind, label
+        self.messages: list[bytes] = []
+        self.buffered_bytes = 0
+        self.sent = asyncio.Event()  # set whenever something was sent
+        self._never = asyncio.Event()
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.messages.append(bytes(data))
+
+    async def read(self, n: int = 65536) -> bytes:
+        await self._never.wait()
+        return b""
+
+    async def send_message(self, message: bytes | bytearray | memoryview) -> None:
+        self.messages.append(bytes(message))
+        self.sent.set()
+
+    async def recv_message(self) -> bytes | None:
+        await self._never.wait()
+        return None
+
+    async def drain(self) -> None:
+        return None
+
+    def close(self, reason: str | None = None) -> None:
+        return None
+
+    def abort(self, reason: str) -> None:
+        return None
+
+
+class RecordingSession:
+    def __init__(self) -> None:
+        self.channels: list[RecordingChannel] = []
+
+    def open_channel(self, kind: str, *, label: str | None = None) -> RecordingChannel:
+        ch = RecordingChannel(kind, label)
+        self.channels.append(ch)
+        return ch
+
+
+async def test_a_channel_past_its_sync_waits_for_the_others(tmp_path: Path) -> None:
+    """Channel 0 has its round-2 packet ready at once; channel 1's SYNC of round 1 comes late. In the
+    merged stream channel 0's round-2 packet must still follow channel 1's round-1 SYNC."""
+    from novacron.migration.tunnel.records import Packet, parse_page_record
+    from novacron.migration.tunnel.synth import MultifdWriter
+
+    session = RecordingSession()
+    settings = QemuMigrationSettings({"multifd": True}, {"multifd-channels": 2})
+    src = SourceTunnel(session, vm="vm1", workdir=tmp_path, settings=settings, cluster_key=KEY)
+    path = (await src.start(b"")).removeprefix("unix:")
+    page = bytes(range(256)) * 16
+    w0, w1 = MultifdWriter(0, pages_alloc=4), MultifdWriter(1, pages_alloc=4)
+    _, c0 = await asyncio.open_unix_connection(path)
+    _, c1 = await asyncio.open_unix_connection(path)
+    c0.write(
+        w0.init()
+        + w0.packet(packet_num=0, block="pc.ram", offsets=[0], pages=page)
+        + w0.packet(packet_num=2, flags=1)  # SYNC, round 1
+        + w0.packet(packet_num=4, block="pc.ram", offsets=[8192], pages=page)  # round 2
+    )
+    c1.write(w1.init() + w1.packet(packet_num=1, block="pc.ram", offsets=[4096], pages=page))
+    await c0.drain()
+    await c1.drain()
+    pages_ch = next(c for c in session.channels if c.kind == "qemu-pages")
+
+    def packets() -> list[tuple[int, int]]:
+        out = []
+        for m in pages_ch.messages:
+            rec = parse_page_record(m, max_channels=64, max_record_bytes=8 << 20)
+            if isinstance(rec, Packet):
+                out.append((rec.channel, rec.packet_num))
+        return out
+
+    async def sent(key: tuple[int, int]) -> None:
+        async with asyncio.timeout(10):
+            while key not in packets():
+                pages_ch.sent.clear()
+                await pages_ch.sent.wait()
+
+    # Wait until channel 1's first packet went out: channel 0's round-2 packet must not have.
+    await sent((1, 1))
+    assert (0, 4) not in packets() and (0, 2) in packets()
+    c1.write(w1.packet(packet_num=3, flags=1))  # channel 1's SYNC completes round 1
+    await c1.drain()
+    await sent((0, 4))
+    order = packets()
+    assert order.index((1, 3)) < order.index((0, 4))
+    c0.close()
+    c1.close()
+    await src.abort("test over")
+    await src.close()

@@ -112,15 +112,28 @@ def qemu_like_streams(
     each entry is the page numbers sent in that round (zero pages are skipped: QEMU 7.2 sends those on
     the main channel).
     """
-    writers = [MultifdWriter(c, pages_alloc=pages_per_packet) for c in range(channels)]
-    for c, w in enumerate(writers):
-        yield SyntheticPacket(c, w.init(), False, 0)
     if rounds is None:
         nz = np.flatnonzero(memory.reshape(-1, PAGE_SIZE).view(np.uint64).any(axis=1))
         rounds = [nz[i : i + round_pages] for i in range(0, nz.shape[0], round_pages)] or [nz]
+    return qemu_like_passes(
+        [(memory, r) for r in rounds], channels=channels, pages_per_packet=pages_per_packet, block=block
+    )
+
+
+def qemu_like_passes(
+    rounds: Sequence[tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]],
+    *,
+    channels: int = 4,
+    pages_per_packet: int = 128,
+    block: str = "pc.ram",
+) -> Iterator[SyntheticPacket]:
+    """One migration's channel streams: each round is (memory at that time, page numbers sent)."""
+    writers = [MultifdWriter(c, pages_alloc=pages_per_packet) for c in range(channels)]
+    for c, w in enumerate(writers):
+        yield SyntheticPacket(c, w.init(), False, 0)
     num = 0
     turn = 0
-    for pages in rounds:
+    for memory, pages in rounds:
         nonzero = pages[memory[pages].view(np.uint64).any(axis=1)] if pages.shape[0] else pages
         for i in range(0, nonzero.shape[0], pages_per_packet):
             sel = nonzero[i : i + pages_per_packet]
