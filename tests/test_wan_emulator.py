@@ -388,6 +388,27 @@ def test_a_failed_start_removes_what_it_created() -> None:
     assert not _our_namespaces(wan) & set(list_namespaces())
 
 
+async def test_cancelled_while_starting_leaves_nothing() -> None:
+    """The start runs in a thread that cannot be interrupted; it tears down when it sees it was abandoned."""
+    import asyncio
+
+    wan = WanEmulator(["a", "b"])
+    names = _our_namespaces(wan)
+
+    async def body() -> None:
+        async with wan:
+            await asyncio.Event().wait()
+
+    task = asyncio.create_task(body())
+    await asyncio.sleep(0)  # one loop turn: the start thread is launched, nowhere near done
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not wan.closed  # the start (~0.1 s of `ip` calls) was still running when we gave up
+    await asyncio.to_thread(wait_for, "the abandoned start to tear down", lambda: wan.closed)
+    assert not names & set(list_namespaces())
+
+
 _CRASHING_OWNER = """
 import os, sys
 from novacron.testing import WanEmulator, LinkSpec

@@ -24,6 +24,7 @@ import re
 import secrets
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -145,7 +146,11 @@ class WanEmulator:
         self._forwarder: Forwarder | None = None
         self._procs: list[subprocess.Popen[Any] | asyncio.subprocess.Process] = []
         self._started = False
-        self._closed = False
+        self._closed = False  # set when teardown begins (makes close() idempotent)
+        self._torn_down = False  # set when teardown has finished
+        self._handover = threading.Lock()  # between a starting thread and a cancelled __aenter__
+        self._abandoned = False
+        self._up = False
 
     # ---- configuration ----
 
@@ -194,6 +199,11 @@ class WanEmulator:
     @property
     def mtu(self) -> int:
         return self._mtu
+
+    @property
+    def closed(self) -> bool:
+        """Teardown has finished (or close() was called before start); it cannot be started again."""
+        return self._torn_down
 
     @property
     def instance_id(self) -> str:
@@ -463,9 +473,15 @@ class WanEmulator:
     def close(self) -> None:
         """Tear everything down. Idempotent; collects failures and raises one WanError at the end."""
         if self._closed or not self._started:
-            self._closed = True
+            self._closed = self._torn_down = True
             return
         self._closed = True
+        try:
+            self._teardown()
+        finally:
+            self._torn_down = True
+
+    def _teardown(self) -> None:
         problems: list[str] = []
         for proc in self._procs:
             try:
@@ -497,8 +513,27 @@ class WanEmulator:
         self._close_after(exc)
 
     async def __aenter__(self) -> Self:
-        await asyncio.to_thread(self.start)
+        # Start in a thread (it runs `ip` and maybe gcc). If the caller is cancelled meanwhile, the
+        # thread cannot be stopped: whichever side comes second tears the emulator down again.
+        starting = asyncio.ensure_future(asyncio.to_thread(self._start_unless_abandoned))
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            with self._handover:
+                self._abandoned = True
+                up = self._up
+            if up:
+                self.close()
+            raise
         return self
+
+    def _start_unless_abandoned(self) -> None:
+        self.start()
+        with self._handover:
+            self._up = True
+            abandoned = self._abandoned
+        if abandoned:
+            self.close()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
