@@ -97,6 +97,9 @@ class TaskGroup:
         except TASK_ERRORS as exc:
             log_event(self._log, "tunnel.task_failed", logging.WARNING, task=what, error=str(exc))
             await self._on_failure(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug: still fail the migration (it rolls back), never hang it
+            self._log.exception("tunnel task %s crashed", what)
+            await self._on_failure(exc)
 
     async def cancel(self) -> None:
         current = asyncio.current_task()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,7 @@ log = logging.getLogger("novacron.migration.tunnel.destination")
 DESTINATION_SOCKET = "qemu-dst.sock"
 CONNECT_RETRY_FIRST_S = 0.01
 CONNECT_RETRY_MAX_S = 0.2
+OFF_LOOP_BYTES = 16 * 1024  # records at least this large are decoded in the worker thread
 DEFAULT_MAX_SESSION_CACHE = 1 << 30  # the largest HDE session cache a source may ask this host for
 
 
@@ -142,6 +144,7 @@ class DestinationTunnel:
         self._arena = arena
         self._max_cache = max_session_cache_bytes
         self._tasks = TaskGroup(f"tunnel-dst-{vm}", self._fail, log)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hde-dec-{vm}")
         self._signal = Signal()
         self._failed = asyncio.Event()
         self._socket: Path | None = None
@@ -280,6 +283,7 @@ class DestinationTunnel:
         for fut in self._pending_raw:
             fut.cancel()
         await self._tasks.cancel()
+        await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
         if self._dec is not None:
             self._dec.close()
 
@@ -417,7 +421,10 @@ class DestinationTunnel:
         while (msg := await pages.recv_message()) is not None:
             self._transport_bytes += len(msg)
             try:
-                outs = dec.receive(msg)
+                if len(msg) >= OFF_LOOP_BYTES:  # a batch: decode in the worker, the loop keeps moving
+                    outs = await asyncio.get_running_loop().run_in_executor(self._worker, dec.receive, msg)
+                else:
+                    outs = dec.receive(msg)
             except HdeDecodeError as exc:
                 raise TunnelError(f"corrupted HDE batch: {exc}", vm=self.vm, record=dec.received - 1) from exc
             for out in outs:

@@ -28,7 +28,7 @@ class TunnelLimits:
     inflight_ceiling: int = 64 * MiB  # ... and at most
     inflight_rtts: float = 2.0  # ... else this many round trips at the measured bandwidth
     inflight_slack_s: float = 0.02  # ... plus this much time (decode, acknowledgement delay)
-    inflight_target_s: float = 0.1  # ... or this much link time while the RTT is unknown
+    inflight_target_s: float = 0.15  # ... or this long at the rate reached, when the link does not limit
     channel_queue_bytes: int = 1 * MiB  # destination: rebuilt bytes waiting for one QEMU channel
     held_records: int = 4096  # destination: records held while a repair is outstanding
     # ---- records ----

@@ -23,6 +23,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,11 +90,38 @@ log = logging.getLogger("novacron.migration.tunnel.source")
 
 SOURCE_SOCKET = "qemu-src.sock"
 WINDOW_REFRESH_S = 0.05  # how often the window follows the transport's bandwidth and RTT
+LINK_LIMITED_HOLD_S = 0.5  # after waiting for the window, the link counts as the bottleneck this long
+LINK_LIMITED_SHARE = 0.5  # ... if at least this share of the window was still in the transport
+PROBE_FACTOR = 2.0  # growth of the bandwidth told to HDE while the encoder, not the link, limits ...
+PROBE_INTERVAL_S = 0.5  # ... per this interval ...
+MAX_PROBE_GAIN = 64.0  # ... up to this multiple of what was measured
+RATE_WINDOW_S = 1.0  # the acknowledged-rate meter averages over this long
 
 
 def raw_label(index: int | None) -> str:
     """The ``qemu-raw`` label of a QEMU connection: ``main`` or ``multifd-<n>``."""
     return "main" if index is None else f"multifd-{index}"
+
+
+class RateMeter:
+    """Rate of a growing total over the last ``window_s`` seconds (bounded: old samples drop out)."""
+
+    def __init__(self, window_s: float, max_samples: int = 256) -> None:
+        self._window = window_s
+        self._samples: deque[tuple[float, int]] = deque(maxlen=max_samples)
+
+    def add(self, now: float, total: int) -> None:
+        self._samples.append((now, total))
+        while len(self._samples) > 2 and now - self._samples[1][0] > self._window:
+            self._samples.popleft()
+
+    def rate(self, now: float) -> float | None:
+        if len(self._samples) < 2:
+            return None
+        (t0, v0), (t1, v1) = self._samples[0], self._samples[-1]
+        if now - t1 > self._window or t1 <= t0:
+            return None  # nothing acknowledged lately: no current figure
+        return (v1 - v0) / (t1 - t0)
 
 
 @dataclass
@@ -151,10 +179,16 @@ class SourceTunnel:
         self._bandwidth = bandwidth
         self._rtt = rtt
         self._window_cache = (0.0, self.limits.inflight_floor)  # (computed at, bytes)
+        self._link_limited_until = 0.0
+        self._probe_gain = 1.0
+        self._probe_at = 0.0
+        self._ack_rate = RateMeter(RATE_WINDOW_S)
+        self._acked_wire = 0
         self._arena = arena
         self._compress_main = compress_main
         self._corrupt_batch = corrupt_batch
         self._tasks = TaskGroup(f"tunnel-src-{vm}", self._fail, log)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hde-enc-{vm}")
         self._signal = Signal()
         self._server: asyncio.Server | None = None
         self._socket: Path | None = None
@@ -355,6 +389,8 @@ class SourceTunnel:
                 await server.wait_closed()
         if self._socket is not None:
             self._socket.unlink(missing_ok=True)
+        # An encode may still run in the worker thread: let it end before the arena is given back.
+        await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
         if reason is not None and self._enc is not None:
             self._enc.hde.close()  # give the cache arena back; nothing will be recorded
 
@@ -536,11 +572,46 @@ class SourceTunnel:
         at, window = self._window_cache
         now = time.monotonic()
         if now - at >= WINDOW_REFRESH_S:
-            bw = self._bandwidth() if self._bandwidth is not None else None
-            rtt = self._rtt() if self._rtt is not None else None
-            window = self.limits.inflight_bytes(bw, rtt)
+            measured = self._bandwidth() if self._bandwidth is not None else None
+            rate = max(measured or 0.0, self._ack_rate.rate(now) or 0.0)
+            if now < self._link_limited_until:
+                # The link is the bottleneck: keep it busy for the round trip, no more.
+                rtt = self._rtt() if self._rtt is not None else None
+                window = self.limits.inflight_bytes(rate, rtt)
+            else:
+                # Processing is the bottleneck (or nothing is measured yet): a window worth a fixed
+                # drain time at the rate reached, which grows with that rate until the link limits.
+                window = self.limits.inflight_bytes(rate, None)
             self._window_cache = (now, window)
         return window
+
+    def _hde_bandwidth(self) -> float | None:
+        """The bandwidth HDE's cost model should plan for (bytes/s), or None to keep its default.
+
+        Both measurements (the transport's estimate, the rate the destination acknowledges our
+        records at) only see what we give them: while the window is not full the encoder is the
+        bottleneck and they are lower bounds. Then HDE is told more, so it picks faster codecs until
+        the link, not the CPU, limits again (the window fills and the figure is taken as it is): the
+        figure told grows by ``PROBE_FACTOR`` every ``PROBE_INTERVAL_S`` while the link is not limiting.
+        """
+        measured = self._bandwidth() if self._bandwidth is not None else None
+        acked = self._ack_rate.rate(time.monotonic())
+        best = max(measured or 0.0, acked or 0.0)
+        if best <= 0:
+            return None
+        now = time.monotonic()
+        if now < self._link_limited_until:
+            self._probe_gain = 1.0
+        elif now - self._probe_at >= PROBE_INTERVAL_S:
+            self._probe_gain = min(self._probe_gain * PROBE_FACTOR, MAX_PROBE_GAIN)
+            self._probe_at = now
+        return best * self._probe_gain
+
+    def _transport_holds_window(self) -> bool:
+        """Whether most of the window waits in the transport (the link limits), rather than at the
+        destination's decoder (its CPU limits: stronger compression would not help)."""
+        pages = self._pages
+        return pages is not None and pages.buffered_bytes >= LINK_LIMITED_SHARE * self._inflight_bytes
 
     def _may_send(self) -> bool:
         return self._inflight_bytes < self._window() or self._error is not None
@@ -552,9 +623,11 @@ class SourceTunnel:
         while True:
             m, ev = await self._merged.get()
             try:
+                if not self._may_send() and self._transport_holds_window():
+                    self._link_limited_until = time.monotonic() + LINK_LIMITED_HOLD_S
                 await self._signal.wait_until(self._may_send)
                 self._raise_if_failed()
-                if self._bandwidth is not None and (bw := self._bandwidth()):
+                if (bw := self._hde_bandwidth()) is not None:
                     enc.hde.set_bandwidth(bw)
                 async with self._send_lock:
                     await self._encode_one(enc, m, ev)
@@ -566,7 +639,13 @@ class SourceTunnel:
             await self._send_record(enc.open(m.index, ev).data)
         elif isinstance(ev, MultifdPacket):
             raw_before = enc.raw_packets
-            await self._send_record(enc.packet(m.index, ev).data)
+            if ev.normal_pages:
+                # HDE works in C mostly (zstd, LZ4, numpy, hashes) and lets go of the GIL: off the
+                # event loop, the transport keeps sending while the next batch is encoded.
+                rec = await asyncio.get_running_loop().run_in_executor(self._worker, enc.packet, m.index, ev)
+            else:
+                rec = enc.packet(m.index, ev)
+            await self._send_record(rec.data)
             if enc.raw_packets != raw_before:
                 self._raw_pages += ev.normal_pages
         elif isinstance(ev, Fallback):
@@ -600,7 +679,9 @@ class SourceTunnel:
             elif isinstance(rec, NeedRepair):
                 log_event(log, "tunnel.source.repair", vm=self.vm, seq=rec.seq)
                 async with self._send_lock:
-                    await self._send_record(enc.repair(rec.seq).data)
+                    loop = asyncio.get_running_loop()
+                    repaired = await loop.run_in_executor(self._worker, enc.repair, rec.seq)
+                    await self._send_record(repaired.data)
         if not self._finish_sent:
             raise TunnelError("the destination closed qemu-pages before the end", vm=self.vm)
 
@@ -610,7 +691,10 @@ class SourceTunnel:
         self._acked_records = ack.records
         self._acked_qemu_bytes = max(self._acked_qemu_bytes, ack.qemu_bytes)
         while self._inflight and self._inflight[0][0] < ack.records:
-            self._inflight_bytes -= self._inflight.popleft()[1]
+            size = self._inflight.popleft()[1]
+            self._inflight_bytes -= size
+            self._acked_wire += size
+        self._ack_rate.add(time.monotonic(), self._acked_wire)
         enc.acknowledged(ack.records)
         self._signal.notify()
 
