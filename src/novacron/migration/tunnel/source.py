@@ -180,6 +180,7 @@ class SourceTunnel:
         self._rtt = rtt
         self._window_cache = (0.0, self.limits.inflight_floor)  # (computed at, bytes)
         self._link_limited_until = 0.0
+        self._merged_pending = 0  # an event taken from the queue and not yet sent
         self._probe_gain = 1.0
         self._probe_at = 0.0
         self._ack_rate = RateMeter(RATE_WINDOW_S)
@@ -325,7 +326,11 @@ class SourceTunnel:
         enc, pages, main = self._enc, self._pages, self._main
         if enc is None or pages is None or main is None:
             raise TunnelError("tunnel not started", vm=self.vm)
-        await self._merged.join()  # every event encoded and sent
+        # Every event encoded and sent (or the path failed meanwhile).
+        await self._signal.wait_until(
+            lambda: self._error is not None or (self._merged.empty() and self._merged_pending == 0)
+        )
+        self._raise_if_failed()
         async with self._send_lock:
             await self._send_record(enc.finish().data)
             self._finish_sent = True
@@ -622,6 +627,7 @@ class SourceTunnel:
             return
         while True:
             m, ev = await self._merged.get()
+            self._merged_pending = 1
             try:
                 if not self._may_send() and self._transport_holds_window():
                     self._link_limited_until = time.monotonic() + LINK_LIMITED_HOLD_S
@@ -632,7 +638,8 @@ class SourceTunnel:
                 async with self._send_lock:
                     await self._encode_one(enc, m, ev)
             finally:
-                self._merged.task_done()
+                self._merged_pending = 0
+                self._signal.notify()
 
     async def _encode_one(self, enc: PageStreamEncoder, m: _Multifd, ev: MultifdEvent | _End) -> None:
         if isinstance(ev, MultifdInit):
