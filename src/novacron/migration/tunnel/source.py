@@ -75,6 +75,7 @@ from novacron.migration.tunnel.multifd import (
     RawBytes,
 )
 from novacron.migration.tunnel.opaque import OpaqueCompressor, OpaqueDecompressor, main_stream_codec
+from novacron.migration.tunnel.pacing import Pacer, PacingConfig
 from novacron.migration.tunnel.pages import PageStreamEncoder
 from novacron.migration.tunnel.records import (
     Abort,
@@ -89,39 +90,11 @@ from novacron.observability.log import log_event
 log = logging.getLogger("novacron.migration.tunnel.source")
 
 SOURCE_SOCKET = "qemu-src.sock"
-WINDOW_REFRESH_S = 0.05  # how often the window follows the transport's bandwidth and RTT
-LINK_LIMITED_HOLD_S = 0.5  # after waiting for the window, the link counts as the bottleneck this long
-LINK_LIMITED_SHARE = 0.5  # ... if at least this share of the window was still in the transport
-PROBE_FACTOR = 2.0  # growth of the bandwidth told to HDE while the encoder, not the link, limits ...
-PROBE_INTERVAL_S = 0.5  # ... per this interval ...
-MAX_PROBE_GAIN = 64.0  # ... up to this multiple of what was measured
-RATE_WINDOW_S = 1.0  # the acknowledged-rate meter averages over this long
 
 
 def raw_label(index: int | None) -> str:
     """The ``qemu-raw`` label of a QEMU connection: ``main`` or ``multifd-<n>``."""
     return "main" if index is None else f"multifd-{index}"
-
-
-class RateMeter:
-    """Rate of a growing total over the last ``window_s`` seconds (bounded: old samples drop out)."""
-
-    def __init__(self, window_s: float, max_samples: int = 256) -> None:
-        self._window = window_s
-        self._samples: deque[tuple[float, int]] = deque(maxlen=max_samples)
-
-    def add(self, now: float, total: int) -> None:
-        self._samples.append((now, total))
-        while len(self._samples) > 2 and now - self._samples[1][0] > self._window:
-            self._samples.popleft()
-
-    def rate(self, now: float) -> float | None:
-        if len(self._samples) < 2:
-            return None
-        (t0, v0), (t1, v1) = self._samples[0], self._samples[-1]
-        if now - t1 > self._window or t1 <= t0:
-            return None  # nothing acknowledged lately: no current figure
-        return (v1 - v0) / (t1 - t0)
 
 
 @dataclass
@@ -160,6 +133,7 @@ class SourceTunnel:
         baseline: BaselineStore | None = None,
         bandwidth: Callable[[], float | None] | None = None,
         rtt: Callable[[], float | None] | None = None,
+        pacing: PacingConfig | None = None,
         arena: CacheArena | None = None,
         compress_main: bool = True,
         corrupt_batch: int | None = None,
@@ -178,12 +152,8 @@ class SourceTunnel:
         self._store = baseline
         self._bandwidth = bandwidth
         self._rtt = rtt
-        self._window_cache = (0.0, self.limits.inflight_floor)  # (computed at, bytes)
-        self._link_limited_until = 0.0
+        self._pacer = Pacer(self.limits, pacing)
         self._merged_pending = 0  # an event taken from the queue and not yet sent
-        self._probe_gain = 1.0
-        self._probe_at = 0.0
-        self._ack_rate = RateMeter(RATE_WINDOW_S)
         self._acked_wire = 0
         self._arena = arena
         self._compress_main = compress_main
@@ -573,50 +543,12 @@ class SourceTunnel:
         await pages.send_message(data)
         self._transport_bytes += len(data)
 
+    def _measured_bw(self) -> float | None:
+        return self._bandwidth() if self._bandwidth is not None else None
+
     def _window(self) -> int:
-        at, window = self._window_cache
-        now = time.monotonic()
-        if now - at >= WINDOW_REFRESH_S:
-            measured = self._bandwidth() if self._bandwidth is not None else None
-            rate = max(measured or 0.0, self._ack_rate.rate(now) or 0.0)
-            if now < self._link_limited_until:
-                # The link is the bottleneck: keep it busy for the round trip, no more.
-                rtt = self._rtt() if self._rtt is not None else None
-                window = self.limits.inflight_bytes(rate, rtt)
-            else:
-                # Processing is the bottleneck (or nothing is measured yet): a window worth a fixed
-                # drain time at the rate reached, which grows with that rate until the link limits.
-                window = self.limits.inflight_bytes(rate, None)
-            self._window_cache = (now, window)
-        return window
-
-    def _hde_bandwidth(self) -> float | None:
-        """The bandwidth HDE's cost model should plan for (bytes/s), or None to keep its default.
-
-        Both measurements (the transport's estimate, the rate the destination acknowledges our
-        records at) only see what we give them: while the window is not full the encoder is the
-        bottleneck and they are lower bounds. Then HDE is told more, so it picks faster codecs until
-        the link, not the CPU, limits again (the window fills and the figure is taken as it is): the
-        figure told grows by ``PROBE_FACTOR`` every ``PROBE_INTERVAL_S`` while the link is not limiting.
-        """
-        measured = self._bandwidth() if self._bandwidth is not None else None
-        acked = self._ack_rate.rate(time.monotonic())
-        best = max(measured or 0.0, acked or 0.0)
-        if best <= 0:
-            return None
-        now = time.monotonic()
-        if now < self._link_limited_until:
-            self._probe_gain = 1.0
-        elif now - self._probe_at >= PROBE_INTERVAL_S:
-            self._probe_gain = min(self._probe_gain * PROBE_FACTOR, MAX_PROBE_GAIN)
-            self._probe_at = now
-        return best * self._probe_gain
-
-    def _transport_holds_window(self) -> bool:
-        """Whether most of the window waits in the transport (the link limits), rather than at the
-        destination's decoder (its CPU limits: stronger compression would not help)."""
-        pages = self._pages
-        return pages is not None and pages.buffered_bytes >= LINK_LIMITED_SHARE * self._inflight_bytes
+        rtt = self._rtt() if self._rtt is not None else None
+        return self._pacer.window(time.monotonic(), self._measured_bw(), rtt)
 
     def _may_send(self) -> bool:
         return self._inflight_bytes < self._window() or self._error is not None
@@ -629,11 +561,13 @@ class SourceTunnel:
             m, ev = await self._merged.get()
             self._merged_pending = 1
             try:
-                if not self._may_send() and self._transport_holds_window():
-                    self._link_limited_until = time.monotonic() + LINK_LIMITED_HOLD_S
+                if not self._may_send() and self._pages is not None:
+                    self._pacer.window_full(
+                        time.monotonic(), self._inflight_bytes, self._pages.buffered_bytes
+                    )
                 await self._signal.wait_until(self._may_send)
                 self._raise_if_failed()
-                if (bw := self._hde_bandwidth()) is not None:
+                if (bw := self._pacer.hde_bandwidth(time.monotonic(), self._measured_bw())) is not None:
                     enc.hde.set_bandwidth(bw)
                 async with self._send_lock:
                     await self._encode_one(enc, m, ev)
@@ -701,7 +635,7 @@ class SourceTunnel:
             size = self._inflight.popleft()[1]
             self._inflight_bytes -= size
             self._acked_wire += size
-        self._ack_rate.add(time.monotonic(), self._acked_wire)
+        self._pacer.acknowledged(time.monotonic(), self._acked_wire)
         enc.acknowledged(ack.records)
         self._signal.notify()
 
