@@ -382,3 +382,33 @@ async def test_a_channel_past_its_sync_waits_for_the_others(tmp_path: Path) -> N
     c1.close()
     await src.abort("test over")
     await src.close()
+
+
+async def test_a_sync_round_that_never_completes_fails_with_a_reason(tmp_path: Path) -> None:
+    """Settings say 3 multifd channels, QEMU opened 2: the round cannot complete; no silent hang."""
+    from novacron.migration.tunnel.synth import MultifdWriter
+
+    session = RecordingSession()
+    settings = QemuMigrationSettings({"multifd": True}, {"multifd-channels": 3})
+    src = SourceTunnel(
+        session,
+        vm="vm1",
+        workdir=tmp_path,
+        settings=settings,
+        cluster_key=KEY,
+        limits=TunnelLimits(sync_round_timeout_s=0.5),
+    )
+    path = (await src.start(b"")).removeprefix("unix:")
+    writers = []
+    for c in range(2):
+        w = MultifdWriter(c, pages_alloc=4)
+        _, conn = await asyncio.open_unix_connection(path)
+        conn.write(w.init() + w.packet(packet_num=c, flags=1) + w.packet(packet_num=c + 2, flags=1))
+        writers.append(conn)
+    with pytest.raises(DataPathError, match="SYNC round did not complete"):
+        await src.finish()
+    error = src.stats().error
+    assert error is not None and "expected=3" in error and "connected=2" in error
+    for conn in writers:
+        conn.close()
+    await src.close()

@@ -24,6 +24,7 @@ class TunnelLimits:
     connect_timeout_s: float = 10.0  # the destination QEMU must accept our connection within this time
     # ---- buffering (bounded by the downtime budget: everything buffered must drain in the pause) ----
     merge_queue_packets: int = 4  # parsed packets waiting for the encoder, all channels together
+    sync_round_timeout_s: float = 60.0  # a channel parked after its SYNC waits at most this long
     inflight_floor: int = 1 * MiB  # wire bytes sent but not yet decoded by the peer, at least
     inflight_ceiling: int = 64 * MiB  # ... and at most
     inflight_rtts: float = 2.0  # ... else this many round trips at the measured bandwidth

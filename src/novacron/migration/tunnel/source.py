@@ -517,7 +517,18 @@ class SourceTunnel:
                 self._release(released)
                 if m.index not in released:
                     m.unparked.clear()
-                    await m.unparked.wait()
+                    try:
+                        await asyncio.wait_for(m.unparked.wait(), self.limits.sync_round_timeout_s)
+                    except TimeoutError:
+                        raise TunnelError(
+                            "a multifd SYNC round did not complete (QEMU's channel count differs from "
+                            "the settings?)",
+                            vm=self.vm,
+                            channel=m.index,
+                            connected=len(self._multifd),
+                            expected=self.settings.multifd_channels,
+                            timeout_s=self.limits.sync_round_timeout_s,
+                        ) from None
             elif isinstance(ev, Fallback):
                 self._release(self._barrier.leave(m.index))
 
