@@ -63,13 +63,16 @@ class PipeChannel:
     async def drain(self) -> None:
         return None
 
-    async def close(self) -> None:
+    def close(self, reason: str | None = None) -> None:
         if not self.closed:
             self.closed = True
             self._outbox.put_nowait(_EOF)
 
-    async def abort(self, reason: str) -> None:
+    def abort(self, reason: str) -> None:
         self.cut(reason)
+
+    def buffered_bytes(self) -> int:
+        return 0
 
     def cut(self, reason: str) -> None:
         """Break both directions, as a dead link or a killed peer would."""
@@ -102,17 +105,24 @@ class PipeSession:
     def bandwidth_bps(self) -> float | None:
         return self.link_bps
 
+    def link_hint_bps(self) -> float | None:
+        return self.link_bps
+
     def wire_bytes(self) -> int:
         return 0
 
     async def wait_mode(self, timeout_s: float) -> Mode | None:
         return self.mode_value
 
+    async def open_data(self) -> None:
+        return None  # no transport here: only the direct path runs in-process
+
+    async def accept_data(self, timeout_s: float) -> None:
+        return None
+
     async def close(self) -> None:
         self.closed = True
-        close = getattr(self.control, "close", None)
-        if close is not None:
-            await close()
+        self.control.close()
 
 
 @dataclass
@@ -206,6 +216,6 @@ async def test_pipe_pair_carries_messages_and_eof() -> None:
     a, b = channel_pair()
     await a.send_message(b"one")
     assert await b.recv_message() == b"one"
-    await a.close()
+    a.close()
     assert await b.recv_message() is None
     assert await b.recv_message() is None

@@ -4,6 +4,7 @@ records in a real SQLite store, and the control channel over an in-process pair 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import msgpack
@@ -197,18 +198,18 @@ def test_initial_parameters_keep_auto_converge_idle_and_leave_room_for_the_switc
     s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=1000.0, one_way_delay_s=0.025))
     params = s.initial_parameters()
     assert params["throttle-trigger-threshold"] == 100
-    assert params["downtime-limit"] == int((300 - 25 - 15) * 0.6)
+    assert params["downtime-limit"] == int((300 - 25 - 15) * 0.5)
     assert params["max-bandwidth"] == UNCAPPED_BANDWIDTH  # bandwidth unknown: never capped below the link
     capped = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=1000.0)).initial_parameters(
         1e9
     )
-    assert capped["max-bandwidth"] == int(1e9 / 8 * 1.05)
+    assert capped["max-bandwidth"] == int(1e9 / 8 * 0.9)
     tunnel = SteeringPolicy(max_downtime_ms=300, deadline_at=1000.0, cap_bandwidth=False)
     assert ConvergenceSteering(tunnel).initial_parameters(1e9)["max-bandwidth"] == UNCAPPED_BANDWIDTH
 
 
 def test_converging_migration_is_left_alone() -> None:
-    s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=1000.0))
+    s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=1000.0, cap_bandwidth=False))
     remaining = 400 << 20
     for i in range(1, 8):
         assert s.observe(_sample(i, remaining, dirty_rate=100), float(i)) == []
@@ -221,7 +222,11 @@ def test_non_converging_escalates_to_auto_converge_then_postcopy_only_when_allow
     for allow, capable in ((True, True), (False, False), (True, False)):
         s = ConvergenceSteering(
             SteeringPolicy(
-                max_downtime_ms=300, deadline_at=1000.0, allow_postcopy=allow, postcopy_capable=capable
+                max_downtime_ms=300,
+                deadline_at=1000.0,
+                cap_bandwidth=False,
+                allow_postcopy=allow,
+                postcopy_capable=capable,
             ),
             SteeringConfig(escalate_after_passes=3, postcopy_after_passes=2),
         )
@@ -241,7 +246,8 @@ def test_non_converging_escalates_to_auto_converge_then_postcopy_only_when_allow
 
 def test_stalled_remaining_counts_as_not_converging() -> None:
     s = ConvergenceSteering(
-        SteeringPolicy(max_downtime_ms=300, deadline_at=1000.0), SteeringConfig(escalate_after_passes=4)
+        SteeringPolicy(max_downtime_ms=300, deadline_at=1000.0, cap_bandwidth=False),
+        SteeringConfig(escalate_after_passes=4),
     )
     out = []
     for i in range(1, 7):
@@ -258,12 +264,29 @@ def test_deadline_aborts_with_a_reason_that_says_why() -> None:
     assert s.observe(_sample(4, 1, 0), 11.0) == []  # once aborted, silent
 
 
+def test_the_link_is_measured_early_and_qemu_capped_below_it() -> None:
+    s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=100.0))
+    assert s.initial_parameters()["max-bandwidth"] == UNCAPPED_BANDWIDTH
+    out = []
+    for i, mbps in enumerate([5, 150]):  # TCP ramping up: too early to count
+        out += s.observe(_sample(1, 100 << 20, 10, mbps=mbps), 0.2 * i)
+    assert out == []
+    for i, mbps in enumerate([200, 30, 195, 190, 180]):  # the link rate, and a zero-page stretch
+        out += s.observe(_sample(1, 100 << 20, 10, mbps=mbps), 1.0 + 0.1 * i)
+    caps = [a for a in out if isinstance(a, SetParameters) and "max-bandwidth" in a.parameters]
+    assert len(caps) == 1 and caps[0].parameters["max-bandwidth"] == int(200e6 / 8 * 0.9)
+    assert "link measured at 200 Mbit/s" in caps[0].why and not caps[0].routine
+    tunnel = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=100.0, cap_bandwidth=False))
+    for i, mbps in enumerate([5, 150, 200, 30, 195]):
+        assert tunnel.observe(_sample(1, 100 << 20, 10, mbps=mbps), 0.2 * i) == []  # never capped
+
+
 def test_link_measurement_recaps_only_on_real_change() -> None:
     s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=10.0))
     s.initial_parameters(100e6)
     assert s.link_measured(105e6) == []
     out = s.link_measured(200e6)
-    assert isinstance(out[0], SetParameters) and out[0].parameters["max-bandwidth"] == int(200e6 / 8 * 1.05)
+    assert isinstance(out[0], SetParameters) and out[0].parameters["max-bandwidth"] == int(200e6 / 8 * 0.9)
 
 
 # ----------------------------------------------------------------- records
@@ -320,3 +343,20 @@ async def test_control_channel_refuses_another_migrations_message() -> None:
         await cb.recv(1.0)
     assert "another migration" in str(exc.value.context["reason"])
     await asyncio.wait_for(cb.close(), 1.0)
+
+
+def test_backlog_between_the_qemus_shrinks_the_downtime_limit_and_holds_qemu_back() -> None:
+    s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=100.0))
+    s.initial_parameters(200e6)
+    quiet = Sample("active", 2, 50 << 20, 0, 10, mbps=180, wire_bps=200e6, buffered_bytes=0)
+    assert s.observe(quiet, 1.0) == []
+    # 5 MB in the socket buffers at 200 Mbit/s: 200 ms of the 300 ms budget is gone already.
+    busy = dataclasses.replace(quiet, buffered_bytes=5_000_000)
+    out = s.observe(busy, 1.5)
+    limits = {k: v for a in out if isinstance(a, SetParameters) for k, v in a.parameters.items()}
+    assert limits["downtime-limit"] == int((300 - 15 - 200) * 0.5)
+    assert limits["max-bandwidth"] == int(200e6 / 8 * 0.6)  # drain: QEMU at 60 % of the link
+    assert all(isinstance(a, SetParameters) and a.routine for a in out)
+    out = s.observe(quiet, 2.0)  # drained: back to the full budget and 90 % of the link
+    limits = {k: v for a in out if isinstance(a, SetParameters) for k, v in a.parameters.items()}
+    assert limits == {"downtime-limit": int((300 - 15) * 0.5), "max-bandwidth": int(200e6 / 8 * 0.9)}

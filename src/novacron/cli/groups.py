@@ -24,4 +24,9 @@ def all_groups() -> list[tuple[str, typer.Typer, str]]:
     groups.append(("config", _load("novacron.cli.config"), "API contexts (server, token) like kubectl."))
     groups.append(("token", _load("novacron.cli.token"), "API bearer tokens: create, list, revoke."))
     groups.append(("wan", _load("novacron.cli.wan"), "WAN emulator: emulated links between namespaces."))
+    groups.append(("agent", _load("novacron.cli.agent"), "Run this host's agent daemon; check its config."))
+    groups.append(
+        ("migrate", _load("novacron.cli.migrate"), "Live-migrate a VM to another node (live progress).")
+    )
+    groups.append(("migration", _load("novacron.cli.migration"), "List, show and cancel migrations."))
     return groups

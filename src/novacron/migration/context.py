@@ -49,9 +49,11 @@ class MigrationConfig:
     timeouts: PhaseTimeouts = field(default_factory=PhaseTimeouts)
     steering: SteeringConfig = field(default_factory=SteeringConfig)
     direct: DirectConfig = field(default_factory=DirectConfig)
+    # Datacenter mode: QEMU straight to QEMU with its TLS, or through the agents as plain bytes.
+    datacenter_path: DataPathKind = DataPathKind.DIRECT
     # Direct path outside the datacenter (no tunnel available, or forced): QEMU's zstd saves the link.
     direct_wan_compression: str = "zstd"
-    sample_interval_s: float = 0.25  # query-migrate while migrating
+    sample_interval_s: float = 0.1  # query-migrate while migrating (steering reacts this fast)
     record_progress_every_s: float = 2.0  # progress snapshots written to the record
     mode_decision_s: float = 2.0  # wait at most this for the session's mode detector
     capacity_mib: int | None = None  # RAM this host gives VMs (None: from /proc/meminfo)
@@ -116,11 +118,24 @@ class PeerSession(Protocol):
         """Measured (or configured) path bandwidth, None if unknown."""
         ...
 
+    def link_hint_bps(self) -> float | None:
+        """The link rate the operator configured for this peer, None if not given. (What the session
+        measures is useless for the direct path: only control messages cross the session then.)"""
+        ...
+
     def wire_bytes(self) -> int:
         """Bytes this side sent on the session (acknowledged), all channels."""
         ...
 
     async def wait_mode(self, timeout_s: float) -> Mode | None: ...
+
+    async def open_data(self) -> None:
+        """Source: open the session the tunnel's data channels go on (sets ``data``)."""
+        ...
+
+    async def accept_data(self, timeout_s: float) -> None:
+        """Destination: wait for the source's data session (sets ``router``)."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -42,9 +42,17 @@ MIN_DOWNTIME_LIMIT_MS = 10
 
 @dataclass(frozen=True)
 class SteeringConfig:
-    downtime_safety: float = 0.6  # fraction of the budget handed to QEMU as downtime-limit
+    downtime_safety: float = 0.5  # fraction of the budget handed to QEMU as downtime-limit
     switchover_overhead_ms: float = 15.0  # our COMPLETED message + cont beyond one one-way delay
-    bandwidth_headroom: float = 1.05  # direct path: cap QEMU at this times the link bandwidth
+    # Uncompressed paths into TCP: QEMU may use this fraction of the link, so the kernel's socket
+    # buffers drain instead of filling with data that would all cross during the downtime.
+    bandwidth_headroom: float = 0.9
+    measure_after_s: float = 1.0  # link rates count only after TCP ramped up this long
+    min_rate_samples: int = 5  # ... and QEMU is capped as soon as this many were taken
+    # Of the pass-1 rates (what the link delivered, else QEMU's own): the link's rate. Zero-page
+    # stretches are slower, so a high quantile rather than the mean.
+    rate_quantile: float = 0.9
+    drain_headroom: float = 0.6  # ... QEMU's share of the link while a backlog eats the budget
     idle_trigger_threshold: int = 100  # auto-converge idle: triggers only when dirtying outruns sending
     idle_throttle_initial: int = 5
     idle_throttle_increment: int = 5
@@ -61,7 +69,10 @@ class SteeringConfig:
 
     def __post_init__(self) -> None:
         if not (
-            0 < self.downtime_safety <= 1 and 0 < self.stall_shrink <= 1 and self.bandwidth_headroom >= 1
+            0 < self.downtime_safety <= 1
+            and 0 < self.stall_shrink <= 1
+            and 0 < self.bandwidth_headroom <= 2
+            and 0 < self.rate_quantile <= 1
         ):
             raise MigrationInputError("steering fractions out of range", config=repr(self))
         for name in ("idle_trigger_threshold", "active_trigger_threshold"):
@@ -96,6 +107,8 @@ class Sample:
     dirty_pages_rate: float  # pages/s over the last pass
     page_size: int = 4096
     mbps: float = 0.0  # QEMU's raw send rate over its last 100 ms window
+    wire_bps: float | None = None  # what the link delivered lately (the data path's counters)
+    buffered_bytes: int = 0  # taken from QEMU, not yet delivered (socket buffers, tunnel window)
     throttle_pct: int = 0
     expected_downtime_ms: int = 0
 
@@ -123,6 +136,7 @@ class Sample:
 class SetParameters:
     parameters: dict[str, Any]
     why: str
+    routine: bool = False  # a continuous adjustment (not worth a line in the migration's record)
 
 
 @dataclass(frozen=True)
@@ -160,30 +174,40 @@ class ConvergenceSteering:
     _escalated_at_pass: int = field(default=0, init=False)
     _link_bps: float | None = field(default=None, init=False)
     _aborted: bool = field(default=False, init=False)
+    _first_at: float | None = field(default=None, init=False)
+    _limit_set: int = field(default=0, init=False)
+    _cap_factor: float = field(default=0.0, init=False)
+    backlog_ms: float = field(default=0.0, init=False)
+    _pass1_rates: list[float] = field(default_factory=list, init=False)
 
     def __post_init__(self) -> None:
         self._passes = deque(maxlen=self.config.history)
+        self._limit_set = self.downtime_limit_ms()
+        self._cap_factor = self.config.bandwidth_headroom
 
     # ----- parameters -----
 
-    def downtime_limit_ms(self) -> int:
+    def downtime_limit_ms(self, backlog_ms: float = 0.0) -> int:
         c = self.config
-        overhead = self.policy.one_way_delay_s * 1000 + c.switchover_overhead_ms
+        overhead = self.policy.one_way_delay_s * 1000 + c.switchover_overhead_ms + backlog_ms
         budget = (self.policy.max_downtime_ms - overhead) * c.downtime_safety
         return max(MIN_DOWNTIME_LIMIT_MS, int(budget))
 
-    def bandwidth_cap(self) -> int:
+    def bandwidth_cap(self, factor: float | None = None) -> int:
         if not self.policy.cap_bandwidth or self._link_bps is None:
             return UNCAPPED_BANDWIDTH
-        return max(1 << 20, int(self._link_bps / 8 * self.config.bandwidth_headroom))
+        share = self.config.bandwidth_headroom if factor is None else factor
+        return max(1 << 20, int(self._link_bps / 8 * share))
 
     def initial_parameters(self, link_bps: float | None = None) -> dict[str, Any]:
         """Parameters for ``migrate-set-parameters`` before ``migrate`` (auto-converge idle)."""
         if link_bps is not None and link_bps > 0:
             self._link_bps = link_bps
         c = self.config
+        self._limit_set = self.downtime_limit_ms()
+        self._cap_factor = c.bandwidth_headroom
         return {
-            "downtime-limit": self.downtime_limit_ms(),
+            "downtime-limit": self._limit_set,
             "max-bandwidth": self.bandwidth_cap(),
             "throttle-trigger-threshold": c.idle_trigger_threshold,
             "cpu-throttle-initial": c.idle_throttle_initial,
@@ -213,15 +237,70 @@ class ConvergenceSteering:
         if now >= self.policy.deadline_at:
             self._aborted = True
             return [Abort(self._deadline_reason(sample))]
+        if self._first_at is None:
+            self._first_at = now
+        measuring = self._link_bps is None and now - self._first_at >= self.config.measure_after_s
+        rate = sample.wire_bps if sample.wire_bps is not None else sample.mbps * 1e6
+        if measuring and rate > 0 and len(self._pass1_rates) < self.config.history:
+            self._pass1_rates.append(rate)
+        backlog = self._cap_when_measured() + self._follow_backlog(sample)
         if sample.iteration <= self._last_iteration:
-            return []
+            return backlog
         # A new pass began: judge the one that just ended.
         self._last_iteration = sample.iteration
+        actions: list[Action] = backlog
         bandwidth = self._link_bps or sample.mbps * 1e6
         self._passes.append(_Pass(sample.iteration, sample.remaining, sample.dirty_bps, bandwidth))
         if sample.iteration < 2:
+            return actions
+        return actions + self._escalate_if_needed(sample)
+
+    def _follow_backlog(self, sample: Sample) -> list[Action]:
+        """What sits between the QEMUs (socket buffers, the tunnel's window) crosses during the
+        downtime too: QEMU's downtime-limit is the budget minus the time it takes to drain, and while
+        that backlog alone eats half the budget QEMU is held further below the link so it drains."""
+        c = self.config
+        drain_bps = (sample.wire_bps if self.policy.cap_bandwidth else None) or sample.mbps * 1e6
+        backlog_ms = sample.buffered_bytes * 8 / drain_bps * 1000 if drain_bps > 0 else 0.0
+        self.backlog_ms = backlog_ms
+        actions: list[Action] = []
+        limit = self.downtime_limit_ms(backlog_ms)
+        if abs(limit - self._limit_set) > max(5, 0.1 * self._limit_set):
+            self._limit_set = limit
+            actions.append(
+                SetParameters({"downtime-limit": limit}, f"backlog {backlog_ms:.0f} ms", routine=True)
+            )
+        if self.policy.cap_bandwidth and self._link_bps is not None:
+            budget = self.policy.max_downtime_ms
+            factor = c.drain_headroom if backlog_ms > budget / 2 else c.bandwidth_headroom
+            if factor != self._cap_factor:
+                self._cap_factor = factor
+                actions.append(
+                    SetParameters(
+                        {"max-bandwidth": self.bandwidth_cap(factor)},
+                        f"backlog {backlog_ms:.0f} ms",
+                        routine=True,
+                    )
+                )
+        return actions
+
+    def _cap_when_measured(self) -> list[Action]:
+        """Without a configured link rate, measure it while QEMU runs uncapped into TCP (early in the
+        first pass), then cap QEMU below it before the socket buffers fill with seconds of data."""
+        c = self.config
+        if (
+            not self.policy.cap_bandwidth
+            or self._link_bps is not None
+            or len(self._pass1_rates) < c.min_rate_samples
+        ):
             return []
-        return self._escalate_if_needed(sample)
+        rates = sorted(self._pass1_rates)
+        self._link_bps = rates[min(len(rates) - 1, int(c.rate_quantile * len(rates)))]
+        cap = self.bandwidth_cap()
+        link, capped = self._link_bps / 1e6, cap * 8 / 1e6
+        why = f"link measured at {link:.0f} Mbit/s: QEMU capped at {capped:.0f} Mbit/s"
+        self.events.append(why)
+        return [SetParameters({"max-bandwidth": cap}, why)]
 
     def _not_converging(self) -> str | None:
         c = self.config

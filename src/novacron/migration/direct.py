@@ -85,22 +85,24 @@ def write_tls_dir(directory: Path, creds: NodeCredentials, endpoint: str) -> Pat
 
 
 # A socket's line: [State] Recv-Q Send-Q Local:Port Peer:Port (``state`` filters drop the State column).
-_SOCKET_LINE = re.compile(rb"^(?:[A-Z][A-Z0-9-]*\s+)?\d+\s+\d+\s+(\S+):(\d+)\s+(\S+):(\d+)")
+_SOCKET_LINE = re.compile(rb"^(?:[A-Z][A-Z0-9-]*\s+)?(\d+)\s+(\d+)\s+(\S+):(\d+)\s+(\S+):(\d+)")
 
 
-def _parse_ss(out: bytes, port: int) -> dict[int, int]:
-    """Bytes acknowledged per local port, for sockets whose peer port is ``port`` (``ss -tin`` text)."""
-    found: dict[int, int] = {}
+def _parse_ss(out: bytes, port: int) -> dict[int, tuple[int, int]]:
+    """(bytes acknowledged, Send-Q) per local port, for sockets whose peer port is ``port``
+    (``ss -tin`` text). Send-Q: bytes written by the application and not yet acknowledged."""
+    found: dict[int, tuple[int, int]] = {}
     local: int | None = None
+    queued = 0
     for line in out.splitlines():
         if not line[:1].isspace():
             m = _SOCKET_LINE.match(line)
-            local = int(m.group(2)) if m is not None and int(m.group(4)) == port else None
+            local = int(m.group(4)) if m is not None and int(m.group(6)) == port else None
+            queued = int(m.group(2)) if m is not None else 0
             continue
         if local is not None:
             acked = _BYTES_ACKED.search(line)
-            if acked is not None:
-                found[local] = int(acked.group(1))
+            found[local] = (int(acked.group(1)) if acked is not None else 0, queued)
             local = None
     return found
 
@@ -117,6 +119,7 @@ class TcpByteMeter:
         self.port = port
         self._closed: dict[int, int] = {}
         self._live: dict[int, int] = {}
+        self.queued = 0  # Send-Q of the open connections at the last sample
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
 
@@ -140,7 +143,7 @@ class TcpByteMeter:
             if not line[:1].isspace():
                 header = line
                 continue
-            for lport, acked in _parse_ss(header + line, self.port).items():
+            for lport, (acked, _) in _parse_ss(header + line, self.port).items():
                 self._closed[lport] = max(acked, self._closed.get(lport, 0))
 
     async def sample(self) -> int:
@@ -152,8 +155,10 @@ class TcpByteMeter:
             out, _ = await asyncio.wait_for(proc.communicate(), SS_TIMEOUT_S)
         except (OSError, TimeoutError):
             out = b""
-        for lport, acked in _parse_ss(out, self.port).items():
+        live = _parse_ss(out, self.port)
+        for lport, (acked, _) in live.items():
             self._live[lport] = max(acked, self._live.get(lport, 0))
+        self.queued = sum(q for _, q in live.values())
         return self.total
 
     @property
@@ -295,7 +300,8 @@ class DirectSourcePath:
         )
 
     def buffered_bytes(self) -> int:
-        return 0  # QEMU writes into the kernel directly; nothing waits in an agent
+        """What QEMU wrote that the destination has not acknowledged yet (the sockets' Send-Q)."""
+        return self._meter.queued if self._meter is not None else 0
 
     async def finish(self) -> None:
         """QEMU completed: its sockets are closing; take the kernel's final counts."""

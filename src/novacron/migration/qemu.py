@@ -75,6 +75,7 @@ class MonitorState:
 
     status: str = ""  # last MIGRATION status
     statuses: list[str] = field(default_factory=list)
+    status_ts: dict[str, float] = field(default_factory=dict)  # first QMP timestamp of each status
     stop_ts: float | None = None
     resume_ts: float | None = None
     passes: int = 0
@@ -118,6 +119,8 @@ class MigrationMonitor:
                         st.status = str(data.get("status", ""))
                         if len(st.statuses) < MAX_EVENTS_KEPT:
                             st.statuses.append(st.status)
+                        if ts is not None:
+                            st.status_ts.setdefault(st.status, ts)
                     elif name == "MIGRATION_PASS":
                         st.passes = int(data.get("pass", st.passes))
                     elif name == "STOP":

@@ -95,6 +95,7 @@ class MigrationRecord(BaseModel):
     progress: Progress = Field(default_factory=Progress)
     stop_ts: float | None = None  # source QMP STOP
     resume_ts: float | None = None  # destination QMP RESUME
+    completed_ts: float | None = None  # this side's QMP MIGRATION "completed" (arrival, on the destination)
     downtime_ms: float | None = None  # resume_ts - stop_ts (same host clock in tests; NTP otherwise)
     qemu_downtime_ms: int | None = None  # QEMU's own figure (source side, excludes the destination)
     resumed: bool = False  # destination: it ran `cont` (the VM may be running here)
