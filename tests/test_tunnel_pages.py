@@ -312,3 +312,35 @@ def test_barrier_parks_channels_until_the_round_is_complete() -> None:
     # A parked channel that leaves frees the others if it completes the round.
     assert b.took_sync(1) == set() and b.took_sync(2) == set()
     assert b.leave(3) == {1, 2}
+
+
+# ------------------------------------------------------------------------------------- baseline copy
+
+
+async def test_both_sides_record_the_same_copy_of_what_crossed(tmp_path: Path) -> None:
+    from novacron.migration.tunnel.baseline import record_copy
+
+    p = Pipeline(_encoder(), _decoder())
+    w = MultifdWriter(0, pages_alloc=4)
+    p.feed(0, w.init())
+    p.feed(
+        0,
+        w.packet(packet_num=1, block="pc.ram", offsets=[0, 4096, 8192], pages=_page(1) + _page(2) + _page(3)),
+    )
+    # Address 4096 changes, address 8192 becomes zero: the copy holds the last version of each.
+    p.feed(0, w.packet(packet_num=2, block="pc.ram", offsets=[4096, 8192], pages=_page(9) + bytes(PAGE_SIZE)))
+    p.end()
+    p.check()
+    sent = list(p.enc.hde.session_pages())
+    assert p.dec.hde is not None
+    received = list(p.dec.hde.session_pages())
+    assert sent == received
+    assert len(sent) == 1 and sent[0].offsets.tolist() == [0, 4096]
+    assert bytes(sent[0].data) == _page(1) + _page(9)
+    hasher = DefaultPageHasher(KEY)
+    for side, batches in (("src", sent), ("dst", received)):
+        store = BaselineStore(tmp_path / side, hasher)
+        assert await record_copy(store, "vm", batches) == 2
+        copy = store.summary("vm").copy["pc.ram"]
+        assert copy.index.tolist() == [0, 1]
+        store.close()
