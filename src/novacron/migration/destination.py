@@ -342,8 +342,11 @@ class DestinationMigration(MigrationRun):
             raise self.error(MigrationError, "no QEMU monitor")
         while True:
             if monitor.lost.is_set() or monitor.state.status == "failed":
+                why = self.path.stats().error if self.path is not None else None
                 raise self.error(
-                    MigrationError, "the destination QEMU failed or exited", status=monitor.state.status
+                    MigrationError,
+                    "the destination QEMU failed or exited" + (f": data path: {why}" if why else ""),
+                    status=monitor.state.status,
                 )
             if self.machine.timed_out(self.loop.time()):
                 raise self.error(MigrationTimeout, f"phase {self.phase} timed out")

@@ -38,6 +38,7 @@ from novacron.migration.phases import Phase
 from novacron.migration.qemu import FINAL_STATUSES, migration_monitor
 from novacron.migration.records import ErrorInfo, MigrationRecord
 from novacron.observability.log import log_event
+from novacron.store.ownership import lock_key
 
 log = logging.getLogger("novacron.migration.recovery")
 
@@ -74,6 +75,18 @@ async def answer_query(host: MigrationHost, migration_id: str, asker_role: str) 
     return State(migration_id=migration_id, phase=str(record.phase), qemu=qemu, resumed=record.resumed)  # type: ignore[arg-type]
 
 
+async def _drop_stale_lock(host: MigrationHost, record: MigrationRecord) -> None:
+    """The migration lock a crashed run of this host left behind (its lease would only end after its
+    TTL): the migration is settled, so the lock goes now."""
+    if record.role == "destination" and host.shared_store:
+        return  # on a shared store the lock is the (live) source's, not ours
+    with contextlib.suppress(NovacronError):
+        # Source: the lock is the source node's; destination (per-host stores): held for the source.
+        current = await host.locks.holder(record.vm)
+        if current is not None and current.holder == record.source:
+            await host.store.delete(lock_key(record.vm))
+
+
 async def _finish(host: MigrationHost, record: MigrationRecord, phase: Phase, why: str) -> MigrationRecord:
     outcome = "done" if phase is Phase.DONE else "failed"
     changes: dict[str, object] = {"phase": phase, "outcome": outcome}
@@ -81,6 +94,7 @@ async def _finish(host: MigrationHost, record: MigrationRecord, phase: Phase, wh
         changes["error"] = ErrorInfo(kind="Recovered", message=why, phase=str(record.phase))
     events = [*record.events, f"settled: {why}"]
     updated = await host.records.update(record.id, record.role, events=events, **changes)
+    await _drop_stale_lock(host, record)
     log_event(
         log,
         "migration.settled",

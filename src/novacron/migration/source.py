@@ -461,9 +461,11 @@ class SourceMigration(MigrationRun):
                     await self.enter(Phase.SWITCHOVER)
                 return
             if sample.status in ("failed", "cancelled"):
+                # QEMU only sees its socket break; the data path knows why (corrupt batch, peer gone).
+                why = self.path.stats().error if self.path is not None else None
                 raise self.error(
                     MigrationError,
-                    f"QEMU migration {sample.status}",
+                    f"QEMU migration {sample.status}" + (f": data path: {why}" if why else ""),
                     qemu_error=str(info.get("error-desc", "")),
                 )
             if sample.status == "postcopy-active" and self.phase is not Phase.POSTCOPY:
