@@ -35,8 +35,8 @@ class AmstConfig:
     chunk_initial: int = 256 * KiB
     chunk_target_s: float = 0.010
     # ---- receive side (memory bound: session_window + max_channels * INITIAL_CHANNEL_WINDOW) ----
-    channel_window: int = 32 * MiB
-    session_window: int = 64 * MiB
+    channel_window: int = 64 * MiB  # >= ~3 x BDP: striping over lossy streams delays reassembly
+    session_window: int = 128 * MiB
     max_channels: int = 256
     max_reorder_chunks: int = 65536
     max_message_size: int = 4 * MiB

@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 One TCP stream is limited by its window (window / RTT) and, on a lossy path, by its loss recovery
-(Mathis et al.: about MSS / RTT * 1.22 / sqrt(loss)). The controller starts from that: enough streams
-for the link's bandwidth, clamped to the bounds of the current mode (internet 4-16, hybrid 2-8,
-datacenter 1-4 by default). Then it hill-climbs on measured goodput:
+(Mathis et al.: about MSS / RTT * 1.22 / sqrt(loss)) if its congestion control backs off on loss
+(Reno, CUBIC: ``loss_limited``; BBR is not, so only the window counts for it). The controller
+starts from that: enough streams for the link's bandwidth, clamped to the bounds of the current mode
+(internet 4-16, hybrid 2-8, datacenter 1-4 by default). Then it hill-climbs on measured goodput:
 
     SETTLING  --settle_s after a change-->  MEASURING  --enough samples-->  decide
       * no probe running: remember this level as the baseline and probe upwards (if allowed);
@@ -60,6 +61,7 @@ class ControllerConfig:
     bounds: Mapping[Mode, tuple[int, int]] = field(default_factory=lambda: DEFAULT_BOUNDS)
     stream_window_bytes: int = 4 << 20
     mss_bytes: int = 1448
+    loss_limited: bool = True  # the streams' congestion control backs off on random loss
     gain_margin: float = 0.10
     drop_margin: float = 0.05
     loss_jump: float = 0.02
@@ -114,7 +116,7 @@ class ControllerConfig:
 def single_stream_bps(rtt_s: float, loss: float | None, config: ControllerConfig) -> float:
     """What one TCP stream can carry: window-limited, and loss-limited (Mathis) when loss is known."""
     window_limit = config.stream_window_bytes * 8 / rtt_s
-    if loss is None or loss <= 0:
+    if loss is None or loss <= 0 or not config.loss_limited:
         return window_limit
     mathis = config.mss_bytes * 8 / rtt_s * MATHIS_CONSTANT / math.sqrt(loss)
     return min(window_limit, mathis)

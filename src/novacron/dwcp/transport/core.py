@@ -67,6 +67,10 @@ SLOW_STREAM_FACTOR = 3.0  # chunk latency above this multiple of the best stream
 SLOW_STREAM_MIN_GAP_S = 0.005  # ...and above it by at least this (sub-ms noise on fast paths)
 SLOW_STREAM_PROBE_S = 0.5  # a slow stream still gets one small chunk this often, to measure it again
 LATENCY_GAIN = 0.25  # EWMA weight of a new chunk-latency sample
+REINJECT_FACTOR = 1.5  # the head chunk is late after this multiple of the best stream's chunk latency
+REINJECT_FLOOR_S = 0.02
+REINJECT_BACKLOG = 0.25  # ...and worth resending once the data held behind it fills this much of the window
+MAX_TRANSMISSIONS = 3  # a late head chunk is re-sent at most twice (a lost stream's chunks always are)
 
 
 class Role(StrEnum):
@@ -132,6 +136,7 @@ class CoreCounters:
     bytes_read: int = 0
     chunks_sent: int = 0
     chunks_retransmitted: int = 0
+    chunks_reinjected: int = 0  # of which: late head chunks re-sent while their stream lived
     chunks_duplicate: int = 0
     streams_lost: int = 0
     acks_sent: int = 0
@@ -679,6 +684,7 @@ class AmstCore:
                 s.latency_s = (
                     sample if s.latency_s is None else s.latency_s + LATENCY_GAIN * (sample - s.latency_s)
                 )
+        self._reinject_late_head(ch, now)
         if result.window_opened and ch.sender.pending_bytes:
             self._sendable[cid] = None
         if result.acked_chunks:
@@ -686,6 +692,33 @@ class AmstCore:
                 if s.draining:
                     self._check_drained(s)
         self._maybe_finish(ch)
+
+    def _reinject_late_head(self, ch: _Channel, now: float) -> None:
+        """Later chunks arrived but the first missing one did not: its stream is stuck (typically a
+        TCP retransmission timeout). Everything behind it waits in the receiver's reorder buffer, so
+        send it again on another stream instead of waiting for TCP."""
+        blocking = ch.sender.blocking_chunk()
+        if blocking is None:
+            return
+        head, behind = blocking
+        if head.transmissions >= MAX_TRANSMISSIONS or behind < REINJECT_BACKLOG * self.config.channel_window:
+            return  # TCP's own recovery is cheaper than duplicates while the backlog is small
+        latencies = [s.latency_s for s in self._streams.values() if s.latency_s is not None]
+        typical = min(latencies) if latencies else self._srtt
+        if typical is None:
+            return
+        late_after = max(REINJECT_FLOOR_S, REINJECT_FACTOR * typical)
+        if now - head.sent_at < late_after or head.stream is None:
+            return
+        if sum(1 for s in self._streams.values() if not (s.draining or s.stalled)) < 2:
+            return  # no other stream to carry it
+        # Everything else that stream holds is just as late: resend it all now, not head by head.
+        stuck = head.stream
+        for other in self._channels.values():
+            n = other.sender.reinject_late(stuck, now - late_after, MAX_TRANSMISSIONS)
+            if n:
+                self._retx[other.id] = None
+                self.counters.chunks_reinjected += n
 
     def _on_open(self, cid: int, body: ChannelOpen) -> None:
         if cid % 2 != self._peer_parity:

@@ -11,7 +11,8 @@ and passes them on to the one :class:`~novacron.dwcp.mode.ModeDetector` of the s
 decides the mode) and, on the side that opened the session (only it can add streams), to the
 :class:`~novacron.dwcp.transport.controller.StreamCountController`. Received goodput is a lower bound
 of the path's capacity, so the detector gets it as an application-limited sample (it may only raise
-the estimate); the controller only judges the send direction, which it can influence.
+the estimate, and never becomes the first estimate: light traffic must not make a fast path look
+slow); the controller only judges the send direction, which it can influence.
 
 Start-up: while goodput still grows by more than ``STARTUP_GROWTH`` per sample (TCP and the send
 budget ramping up), samples are held back from the detector, whose first decision would otherwise
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from novacron.dwcp.mode import Mode, ModeChange, ModeDetector, ModeThresholds, TcpInfo
 from novacron.dwcp.transport.config import AmstConfig
@@ -41,6 +42,7 @@ from novacron.dwcp.transport.controller import (
     StreamCountController,
     initial_streams,
 )
+from novacron.dwcp.transport.tuning import LOSS_TOLERANT_CONTROLS
 
 MAX_PENDING_EVENTS = 64
 STARTUP_GROWTH = 1.25  # a sample this much above the best so far means goodput is still ramping up
@@ -80,6 +82,7 @@ class PathMonitor:
         self._config = config
         self.detector = ModeDetector(thresholds, initial=initial_mode)
         self._controller_config = controller or ControllerConfig()
+        self._derive_controller = controller is None  # fill in what the streams really are
         self._controls = controls_streams
         self._link_bps = link_bps
         self._max_streams = max_streams
@@ -166,6 +169,18 @@ class PathMonitor:
             if self.controller is not None:
                 self.controller.observe_loss(retrans, sent, now)
 
+    def note_streams(self, congestion_control: str | None, window_bytes: int | None) -> None:
+        """What the streams use (before the controller exists): with BBR one stream is not limited
+        by loss, and its window is what the kernel's autotuning may reach."""
+        if not self._derive_controller or self.controller is not None:
+            return
+        cfg = self._controller_config
+        if congestion_control is not None:
+            cfg = replace(cfg, loss_limited=congestion_control not in LOSS_TOLERANT_CONTROLS)
+        if window_bytes is not None and window_bytes > 0:
+            cfg = replace(cfg, stream_window_bytes=window_bytes)
+        self._controller_config = cfg
+
     def forget_stream(self, stream: int) -> None:
         self._tcp_prev.pop(stream, None)
 
@@ -189,10 +204,8 @@ class PathMonitor:
         if self._startup:
             self._ramp(sample, now)
             return sample
-        if sent_bps > 0 or not limited:
-            self._decide(now, self.detector.observe_bandwidth(sent_bps, now, app_limited=limited))
-        if received_bps > 0:
-            self._decide(now, self.detector.observe_bandwidth(received_bps, now, app_limited=True))
+        self._feed_bandwidth(sent_bps, limited, now)
+        self._feed_bandwidth(received_bps, True, now)
         if self.controller is not None:
             change = self.controller.observe_goodput(sent_bps, now, app_limited=limited)
             if change is not None:
@@ -218,12 +231,18 @@ class PathMonitor:
             self.detector.tick(now)
             return
         self._startup = False
-        if self._startup_sent > 0:
-            limited = self._startup_sent_limited
-            self._decide(now, self.detector.observe_bandwidth(self._startup_sent, now, app_limited=limited))
-        if self._startup_received > 0:
-            self._decide(now, self.detector.observe_bandwidth(self._startup_received, now, app_limited=True))
+        self._feed_bandwidth(self._startup_sent, self._startup_sent_limited, now)
+        self._feed_bandwidth(self._startup_received, True, now)
         self._decide(now, None)
+
+    def _feed_bandwidth(self, bps: float, limited: bool, now: float) -> None:
+        """A limited sample is only a lower bound: it may raise an estimate, but it does not become
+        the first one (light traffic must not look like a slow path; the RTT decides until then)."""
+        if bps <= 0 and limited:
+            return
+        if limited and self.detector.estimates(now).bandwidth_bps is None:
+            return
+        self._decide(now, self.detector.observe_bandwidth(bps, now, app_limited=limited))
 
     # ---- decisions ----
 

@@ -183,27 +183,25 @@ class ChannelReceiver:
     # ---- application side ----
 
     def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes of what has arrived in order (b"" if none)."""
+        """Up to ``n`` bytes of what has arrived in order (b"" if none); one copy."""
         if n <= 0 or not self._readbuf:
             return b""
-        first = self._readbuf[0]
-        if first.nbytes <= n and (len(self._readbuf) == 1 or first.nbytes == n):
-            self._readbuf.popleft()
-            out = bytes(first)
-        else:
-            parts = bytearray()
-            while self._readbuf and len(parts) < n:
-                piece = self._readbuf[0]
-                need = n - len(parts)
-                if piece.nbytes <= need:
-                    parts += piece
-                    self._readbuf.popleft()
-                else:
-                    parts += piece[:need]
-                    self._readbuf[0] = piece[need:]
-            out = bytes(parts)
-        self.unread_bytes -= len(out)
-        self.read_offset += len(out)
+        views: list[memoryview] = []
+        size = 0
+        buf = self._readbuf
+        while buf and size < n:
+            piece = buf[0]
+            need = n - size
+            if piece.nbytes <= need:
+                views.append(buf.popleft())
+                size += piece.nbytes
+            else:
+                views.append(piece[:need])
+                buf[0] = piece[need:]
+                size = n
+        out = bytes(views[0]) if len(views) == 1 else b"".join(views)
+        self.unread_bytes -= size
+        self.read_offset += size
         return out
 
     def want_grant(self, limit: int) -> int:

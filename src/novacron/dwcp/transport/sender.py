@@ -68,6 +68,7 @@ class ChannelSender:
         self.acked_below = 0
         self.unacked: dict[int, Chunk] = {}  # seq order (inserted in order), seq >= acked_below
         self.inflight_bytes = 0  # sent, not acknowledged in any way
+        self.sacked_bytes = 0  # selectively acknowledged beyond the cumulative point (the peer holds them)
         self.right_edge = INITIAL_CHANNEL_WINDOW
         self._retransmit: deque[Chunk] = deque()
         self.acked_bytes = 0  # total, for goodput and drain()
@@ -110,6 +111,7 @@ class ChannelSender:
         self.fin_acked = True
 
     def _release_all(self) -> None:
+        self.sacked_bytes = 0
         self._pending.clear()
         self.pending_bytes = 0
         self.unacked.clear()
@@ -229,7 +231,9 @@ class ChannelSender:
         timed: list[Chunk] = []
         for seq in range(self.acked_below, min(next_seq, self.next_seq)):
             chunk = self.unacked.pop(seq)
-            if not chunk.acked:
+            if chunk.acked:
+                self.sacked_bytes -= chunk.size
+            else:
                 acked_bytes += self._mark_acked(chunk)
                 acked_chunks += 1
                 if chunk.transmissions == 1:
@@ -249,6 +253,7 @@ class ChannelSender:
                 held = self.unacked.get(seq)
                 if held is not None and not held.acked:
                     acked_bytes += self._mark_acked(held)
+                    self.sacked_bytes += held.size
                     acked_chunks += 1
                     if held.transmissions == 1:
                         timed.append(held)
@@ -274,6 +279,32 @@ class ChannelSender:
         return chunk.size
 
     # ---- stream failure ----
+
+    def blocking_chunk(self) -> tuple[Chunk, int] | None:
+        """The oldest unacknowledged chunk, if later ones were already selectively acknowledged (the
+        receiver is holding data behind it), with the bytes it holds back (``held_behind``)."""
+        head = self.unacked.get(self.acked_below)
+        if head is None or head.acked or head.stream is None or not self.sacked_bytes:
+            return None
+        return head, self.sacked_bytes
+
+    def reinject_late(self, stream: int, sent_before: float, max_transmissions: int) -> int:
+        """Send again, on other streams, every unacknowledged chunk that went out on ``stream``
+        before ``sent_before`` (the stream is stuck; its TCP may still deliver them: duplicates are
+        dropped by the receiver). Returns how many were queued."""
+        late = [
+            c
+            for c in self.unacked.values()
+            if c.stream == stream
+            and not c.acked
+            and c.sent_at <= sent_before
+            and c.transmissions < max_transmissions
+        ]
+        for chunk in late:
+            chunk.stream = None
+        if late:
+            self._retransmit = deque(sorted([*self._retransmit, *late], key=lambda c: c.seq))
+        return len(late)
 
     def on_stream_lost(self, stream: int) -> int:
         """Queue every unacknowledged chunk last sent on ``stream`` for retransmission."""

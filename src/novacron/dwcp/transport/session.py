@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from novacron.dwcp.errors import DwcpError, ProtocolError, StreamClosed, StreamError
+from novacron.dwcp.errors import DwcpError, ProtocolError, ProtocolErrorKind, StreamClosed, StreamError
 from novacron.dwcp.mode import Mode, ModeChange, ModeThresholds
 from novacron.dwcp.negotiation import Mode as AnnouncedMode
 from novacron.dwcp.stream import Stream
@@ -55,7 +55,9 @@ from novacron.dwcp.transport.tuning import (
     lowat_for_chunk,
     read_socket_tcp_info,
     set_notsent_lowat,
+    set_pacing_cap,
     stream_socket,
+    stream_window_limit,
     tune_socket,
 )
 from novacron.observability.log import log_event
@@ -116,6 +118,7 @@ class _Runner:
     idle: bool = False
     retiring: bool = False  # drained on purpose; its end is not a failure
     lowat: int = 0
+    pacing_bps: float | None = None
     reader: asyncio.Task[None] | None = None
     writer: asyncio.Task[None] | None = None
 
@@ -310,6 +313,7 @@ class AmstSession:
         if sock is not None:
             runner.lowat = lowat_for_chunk(self._core.chunk_size)
             result = tune_socket(sock, self.options.tuning, lowat_bytes=runner.lowat)
+            self._monitor.note_streams(result.congestion_control, stream_window_limit())
             log_event(
                 logger,
                 "dwcp.transport.stream_added",
@@ -326,6 +330,7 @@ class AmstSession:
             self._orphan_timer = None
         for obs in self._observers:
             obs.streams(len(self._runners), +1)
+        self._retune_streams(self._loop.time())  # a new stream must not start uncapped
         self._after_core()
 
     async def _read_loop(self, r: _Runner) -> None:
@@ -341,8 +346,11 @@ class AmstSession:
                 self._peer_closed_session(exc)
             cause = None if scope is not None or r.retiring else "closed"
         except ProtocolError as exc:
-            self._fail(SessionFailed(f"peer broke the transport protocol: {exc.message}", **self._ctx()))
-            cause = "protocol"
+            if exc.what is ProtocolErrorKind.TRUNCATED:
+                cause = None if r.retiring else "closed"  # the connection died in the middle of a frame
+            else:
+                self._fail(SessionFailed(f"peer broke the transport protocol: {exc}", **self._ctx()))
+                cause = "protocol"
         except StreamError:
             cause = None if r.retiring else "reset"
         self._lose_stream(r, cause)
@@ -395,6 +403,7 @@ class AmstSession:
             elif self.role is Role.ACCEPTOR or self._joiner is None:
                 self._orphan_timer = self._loop.call_later(self.options.rejoin_timeout_s, self._orphaned)
         self._manage.set()
+        self._retune_streams(self._loop.time())  # the others share the path now
         self._after_core()
 
     def _orphaned(self) -> None:
@@ -606,16 +615,7 @@ class AmstSession:
         )
         core.set_budget(monitor.budget(now))
         core.set_rate_estimate(monitor.rate_estimate(now))
-        lowat = lowat_for_chunk(core.chunk_size)
-        for r in self._runners.values():
-            if r.lowat and r.lowat != lowat and self.options.tuning.notsent_lowat:
-                sock = stream_socket(r.stream)
-                if sock is not None:
-                    try:
-                        set_notsent_lowat(sock, lowat)
-                        r.lowat = lowat
-                    except OSError:
-                        pass  # the stream is going away; its reader will notice
+        self._retune_streams(now)
         acked, delivered, retx, tcp = self._counted
         now_counts = (c.bytes_acked, c.bytes_delivered, c.chunks_retransmitted, monitor.tcp_retransmits)
         self._counted = now_counts
@@ -627,6 +627,30 @@ class AmstSession:
                 obs.retransmitted(now_counts[2] - retx)
             if now_counts[3] > tcp:
                 obs.tcp_retransmits(now_counts[3] - tcp)
+
+    def _retune_streams(self, now: float) -> None:
+        """Follow the measurements: unsent-bytes mark from the chunk size, pacing cap per stream."""
+        tuning = self.options.tuning
+        lowat = lowat_for_chunk(self._core.chunk_size)
+        rate = self._monitor.rate_estimate(now)
+        cap = None
+        if tuning.pacing_headroom is not None and rate is not None and not self._monitor.in_startup:
+            cap = tuning.pacing_headroom * rate / max(1, len(self._runners))
+        for r in self._runners.values():
+            sock = stream_socket(r.stream)
+            if sock is None:
+                continue
+            try:
+                if tuning.notsent_lowat and r.lowat and r.lowat != lowat:
+                    set_notsent_lowat(sock, lowat)
+                    r.lowat = lowat
+                if cap is not None and (
+                    r.pacing_bps is None or abs(cap - r.pacing_bps) > 0.05 * r.pacing_bps
+                ):
+                    set_pacing_cap(sock, cap)
+                    r.pacing_bps = cap
+            except OSError:
+                pass  # the stream is going away; its reader will notice
 
     # ============================================================================== end of life
 
@@ -640,8 +664,9 @@ class AmstSession:
         self._wake()
 
     def _peer_gone(self) -> None:
-        """The peer said GOODBYE to the session and its last stream is gone."""
-        if self._core.unacknowledged():
+        """The peer said GOODBYE to the session and its last stream is gone. Only data of ours it
+        did not acknowledge makes that a failure (a close of ours crossing its GOODBYE does not)."""
+        if self._core.buffered_bytes:
             self._fail(
                 SessionFailed("peer closed the session with data still unacknowledged", **self._ctx()),
                 by_peer=True,
