@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgpack
+
 from novacron.dwcp.mode import Mode
 from novacron.migration.context import MigrationConfig, MigrationHost
 from novacron.migration.datapath import ChannelRouter, DataChannel, DataSession
@@ -33,6 +35,8 @@ class PipeChannel:
         self._outbox = outbox
         self.closed = False
         self.broken: str | None = None
+        self.cut_after: str | None = None  # break the link right after sending this message type
+        self.peer: PipeChannel | None = None
 
     async def send_message(self, data: bytes) -> None:
         if self.broken is not None:
@@ -40,11 +44,11 @@ class PipeChannel:
         if self.closed:
             raise OSError("channel closed")
         await self._outbox.put(bytes(data))
+        if self.cut_after is not None and msgpack.unpackb(data).get("type") == self.cut_after:
+            self.cut(f"link cut after {self.cut_after}")
 
     async def recv_message(self) -> bytes | None:
-        if self.broken is not None:
-            raise OSError(f"channel broken: {self.broken}")
-        item = await self._inbox.get()
+        item = await self._inbox.get()  # what arrived before a cut is still read, then the error
         if item is _EOF:
             self._inbox.put_nowait(_EOF)
             return None
@@ -75,8 +79,10 @@ class PipeChannel:
         return 0
 
     def cut(self, reason: str) -> None:
-        """Break both directions, as a dead link or a killed peer would."""
+        """Break both directions after what was sent so far, as a dead link or a killed peer would."""
         self.broken = reason
+        if self.peer is not None:
+            self.peer.broken = reason
         self._outbox.put_nowait(OSError(f"peer lost: {reason}"))
         self._inbox.put_nowait(OSError(f"peer lost: {reason}"))
 
@@ -84,7 +90,9 @@ class PipeChannel:
 def channel_pair(kind: str = "migration-control") -> tuple[PipeChannel, PipeChannel]:
     a_to_b: asyncio.Queue[object] = asyncio.Queue()
     b_to_a: asyncio.Queue[object] = asyncio.Queue()
-    return PipeChannel(kind, b_to_a, a_to_b), PipeChannel(kind, a_to_b, b_to_a)
+    a, b = PipeChannel(kind, b_to_a, a_to_b), PipeChannel(kind, a_to_b, b_to_a)
+    a.peer, b.peer = b, a
+    return a, b
 
 
 @dataclass
@@ -135,6 +143,7 @@ class PipeLink:
     sessions: list[tuple[PipeChannel, PipeChannel]] = field(default_factory=list)
     refuse: set[str] = field(default_factory=set)  # nodes that cannot be reached right now
     link_bps: float | None = None  # announced to the source's steering (caps QEMU on the direct path)
+    cut_after: str | None = None  # the next session breaks right after the source sends this message
 
     def address(self, node: str) -> tuple[str, int]:
         if node not in self.addresses:
@@ -146,6 +155,7 @@ class PipeLink:
         if node in self.refuse or node not in self.services:
             raise OSError(f"cannot reach {node}")
         ours, theirs = channel_pair()
+        ours.cut_after, self.cut_after = self.cut_after, None
         self.sessions.append((ours, theirs))
         service = self.services[node]
         asyncio.get_running_loop().create_task(service.handle_session(PipeSession(theirs), self.me))

@@ -26,6 +26,7 @@ from novacron.observability.log import log_event
 log = logging.getLogger("novacron.migration")
 
 MAX_CONTEXT_VALUE = 200
+STOP_RETRY_S = 1.0
 
 
 def error_info(exc: BaseException, phase: Phase) -> ErrorInfo:
@@ -154,19 +155,14 @@ class MigrationRun:
                     task.result()
                     return
                 if self.machine.cancellable:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, NovacronError):
-                        await task
+                    await _stop(task)
                     raise MigrationCancelled(self._cancel_reason or "cancelled", **self.ctx())
                 # Past the point of no return: the cancel request is dropped.
                 self._cancel.clear()
                 cancel_wait = asyncio.ensure_future(self._cancel.wait())
         finally:
             cancel_wait.cancel()
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, NovacronError):
-                    await task
+            await _stop(task)
 
     # ----- lifecycle -----
 
@@ -193,6 +189,17 @@ class MigrationRun:
         data["progress"] = self.progress.model_dump(mode="json")
         data["live"] = not self.done.is_set()
         return data
+
+
+async def _stop(task: asyncio.Future[None]) -> None:
+    """Cancel ``task`` and wait for it to end. Cancel again while it runs on: Python 3.11's
+    ``asyncio.wait_for`` can lose a cancellation that races with its inner future's completion."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=STOP_RETRY_S)
+    if not task.cancelled():
+        with contextlib.suppress(NovacronError, OSError):
+            task.result()
 
 
 def wall() -> float:

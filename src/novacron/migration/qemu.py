@@ -147,11 +147,11 @@ class MigrationMonitor:
 
     async def wait_for(self, predicate: Any, timeout_s: float) -> bool:
         """Wait until ``predicate(state)`` holds; False on timeout."""
-        async with self._changed:
-            try:
-                await asyncio.wait_for(self._changed.wait_for(lambda: predicate(self.state)), timeout_s)
-            except TimeoutError:
-                return False
+        try:
+            async with self._changed, asyncio.timeout(timeout_s):
+                await self._changed.wait_for(lambda: predicate(self.state))
+        except TimeoutError:
+            return False
         return True
 
     async def wait_status(self, statuses: frozenset[str] | set[str], timeout_s: float) -> str | None:

@@ -47,6 +47,8 @@ class MigrationService:
         self._runs: dict[str, MigrationRun] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._settled = asyncio.Condition()
+        self._final: set[str] = set()  # migrations settled by recovery in this process
 
     # ----- counts -----
 
@@ -129,6 +131,17 @@ class MigrationService:
             return (await self.host.records.any_role(migration_id))[0]
         return await run.wait()
 
+    async def wait_settled(self, migration_id: str, role: str, timeout_s: float) -> MigrationRecord:
+        """Wait until this host's record of a migration is final (a live run or a recovery settles it)."""
+        async with self._settled, asyncio.timeout(timeout_s):
+            await self._settled.wait_for(lambda: migration_id in self._final)
+        return await self.host.records.get(migration_id, role)
+
+    async def _notify_final(self, migration_id: str) -> None:
+        async with self._settled:
+            self._final.add(migration_id)
+            self._settled.notify_all()
+
     # ----- incoming -----
 
     async def handle_session(self, session: PeerSession, peer_node: str) -> None:
@@ -207,9 +220,11 @@ class MigrationService:
                 log_event(log, "migration.settle_error", logging.WARNING, migration=record.id, error=str(exc))
                 result = None
             if result is not None:
+                await self._notify_final(record.id)
                 return
             record = await self.host.records.get(record.id, record.role)
             if record.final:
+                await self._notify_final(record.id)
                 return
             await asyncio.sleep(self.host.config.in_doubt_retry_s)  # a retry period, not synchronisation
 

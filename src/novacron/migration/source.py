@@ -677,15 +677,17 @@ class SourceMigration(MigrationRun):
             return
         if self.phase is Phase.ROLLBACK or self.machine.final:
             return
-        await self.enter(Phase.ROLLBACK, error=info)
+        # The error first (the record says why whatever happens next), then stop QEMU's migration.
+        self.record = await self.host.records.update(self.id, "source", error=info)
         code = "cancelled" if cancelled else "failed"
         completed = await self._stop_qemu_migration()
-        if completed:
-            # The destination may hold the only complete copy: resume only once it confirmed it is gone.
-            if not await self._destination_confirms_gone(info.message, code):
-                await self._in_doubt(f"rollback after completion: {info.message}")
-                return
-        elif self.control is not None:
+        # The destination may hold the only complete copy: resume only once it confirmed it is
+        # gone; without that answer neither rolling back nor committing is safe: in-doubt.
+        if completed and not await self._destination_confirms_gone(info.message, code):
+            await self._in_doubt(f"the source had completed: {info.message}")
+            return
+        await self.enter(Phase.ROLLBACK, error=info)
+        if not completed and self.control is not None:
             await self.control.try_send(
                 Abort(migration_id=self.id, phase=info.phase, code=code, reason=info.message[:1000])
             )
