@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from novacron.agent.config import AgentConfig, parse_config, render_config
 from novacron.agent.daemon import write_cluster_key
 from novacron.api.client import ApiClient
@@ -182,6 +184,13 @@ async def wait_migration(
             if str(m.get("phase")) in phases:
                 return m
             await asyncio.sleep(0.2)  # polling the agent's API, as the CLI does
+
+
+def expect_done(m: dict[str, Any]) -> None:
+    """Fail with the record's whole error and events (pytest would cut a long assertion message)."""
+    if m.get("phase") != "done":
+        detail = {k: m.get(k) for k in ("phase", "error", "events")}
+        pytest.fail("migration did not finish:\n" + json.dumps(detail, indent=1, default=str), pytrace=False)
 
 
 async def where_it_runs(cluster: Cluster, vm: str) -> list[str]:

@@ -5,12 +5,18 @@ is unchanged, its heartbeat goes on, exactly one QEMU runs it, and both agents' 
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+
 import pytest
 
 from novacron.testing import LinkSpec
 from test_agent_support import (
+    NOVACRON,
     agent_cluster,
     boot_vm,
+    expect_done,
     guest,
     migrate,
     qemu_processes,
@@ -39,7 +45,7 @@ async def test_migrations_in_every_mode_over_an_emulated_link() -> None:
         for src, dst, options, path in hops:
             started = await migrate(src, "g1", dst.node, **options)
             m = await wait_migration(src, started["id"])
-            assert m["phase"] == "done", (m.get("error"), m.get("events"))
+            expect_done(m)
             assert m["data_path"] == path and m["mode"] == options["mode"]
             assert m["downtime_ms"] is not None and 0 < m["downtime_ms"] < 1000
             p = m["progress"]
@@ -53,3 +59,20 @@ async def test_migrations_in_every_mode_over_an_emulated_link() -> None:
             beats = beats_now
         stats = await cluster.wan.stats()
         assert stats.link("hosta", "hostb").fwd_bytes > 0
+
+        # The operator's way: `novacron migrate` against hostb's agent, live display, then the report.
+        env = {**os.environ, "NOVACRON_SERVER": f"unix://{b.config.api_socket}", "COLUMNS": "160"}
+        proc = await asyncio.create_subprocess_exec(
+            NOVACRON, "migrate", "g1", "--to", "hosta", "--max-downtime", "400", env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 180)
+        text = out.decode()
+        assert proc.returncode == 0, (text[-2000:], err.decode()[-2000:])
+        assert "result: done" in text and "downtime" in text and "limit 400 ms" in text
+        assert await where_it_runs(cluster, "g1") == ["hosta"]
+        proc = await asyncio.create_subprocess_exec(
+            NOVACRON, "migration", "list", "--json", env=env, stdout=asyncio.subprocess.PIPE
+        )
+        listed = json.loads((await proc.communicate())[0])
+        assert [(m["role"], m["phase"]) for m in listed[:2]] == [("source", "done"), ("destination", "done")]

@@ -4,7 +4,6 @@ records in a real SQLite store, and the control channel over an in-process pair 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 
 import msgpack
@@ -346,17 +345,26 @@ async def test_control_channel_refuses_another_migrations_message() -> None:
 
 
 def test_backlog_between_the_qemus_shrinks_the_downtime_limit_and_holds_qemu_back() -> None:
-    s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=100.0))
-    s.initial_parameters(200e6)
-    quiet = Sample("active", 2, 50 << 20, 0, 10, mbps=180, wire_bps=200e6, buffered_bytes=0)
-    assert s.observe(quiet, 1.0) == []
-    # 5 MB in the socket buffers at 200 Mbit/s: 200 ms of the 300 ms budget is gone already.
-    busy = dataclasses.replace(quiet, buffered_bytes=5_000_000)
-    out = s.observe(busy, 1.5)
-    limits = {k: v for a in out if isinstance(a, SetParameters) for k, v in a.parameters.items()}
-    assert limits["downtime-limit"] == int((300 - 15 - 200) * 0.5)
-    assert limits["max-bandwidth"] == int(200e6 / 8 * 0.6)  # drain: QEMU at 60 % of the link
-    assert all(isinstance(a, SetParameters) and a.routine for a in out)
-    out = s.observe(quiet, 2.0)  # drained: back to the full budget and 90 % of the link
-    limits = {k: v for a in out if isinstance(a, SetParameters) for k, v in a.parameters.items()}
-    assert limits == {"downtime-limit": int((300 - 15) * 0.5), "max-bandwidth": int(200e6 / 8 * 0.9)}
+    s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=100.0, cap_bandwidth=False))
+    s.initial_parameters()
+
+    def at(t: float, sent: int, buffered: int) -> list[SetParameters]:
+        out = s.observe(Sample("active", 2, 50 << 20, sent, 10, mbps=400, buffered_bytes=buffered), t)
+        assert all(isinstance(a, SetParameters) and a.routine for a in out)
+        return [a for a in out if isinstance(a, SetParameters)]
+
+    # QEMU hands over 50 MB/s but only 25 MB/s reach the destination: the backlog grows.
+    assert at(0.0, 0, 0) == []
+    assert at(0.2, 10_000_000, 5_000_000) == []  # drain rate not measured over a window yet
+    out = at(1.0, 50_000_000, 25_000_000)  # 25 MB at 25 MB/s: 1 s of drain, over the whole budget
+    limits = {k: v for a in out for k, v in a.parameters.items()}
+    assert limits["downtime-limit"] == 10  # QEMU must not switch over with a second still in flight
+    assert limits["max-bandwidth"] == int(25_000_000 * 0.6)  # held below the drain rate
+    assert s.backlog_ms == pytest.approx(1000)
+    # The backlog drains: the full budget again, and QEMU uncapped (no link-based cap on this path).
+    out = at(2.0, 65_000_000, 100_000)
+    limits = {k: v for a in out for k, v in a.parameters.items()}
+    assert limits == {
+        "downtime-limit": int((300 - 15 - s.backlog_ms) * 0.5),
+        "max-bandwidth": UNCAPPED_BANDWIDTH,
+    }

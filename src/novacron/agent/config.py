@@ -38,6 +38,13 @@ class AgentConfigError(UserError):
     """The agent's configuration is invalid; ``field`` names the first bad setting."""
 
 
+def _valid_id(value: str, what: str) -> str:
+    try:
+        return validate_id(value, what)
+    except UserError as exc:
+        raise ValueError(exc.message) from None
+
+
 def parse_address(value: str, what: str = "address") -> tuple[str, int]:
     """``host:port`` (``[v6]:port`` for IPv6) into its parts; ValueError says what is wrong."""
     if not isinstance(value, str) or ":" not in value:
@@ -146,7 +153,7 @@ class AgentConfig(_Section):
     @field_validator("node_id")
     @classmethod
     def _node(cls, value: str) -> str:
-        return validate_id(value, "node id")
+        return _valid_id(value, "node id")
 
     @field_validator("peers", mode="before")
     @classmethod
@@ -159,7 +166,7 @@ class AgentConfig(_Section):
     @classmethod
     def _peer_ids(cls, value: dict[str, PeerConfig]) -> dict[str, PeerConfig]:
         for node in value:
-            validate_id(node, "peer node id")
+            _valid_id(node, "peer node id")
         return value
 
     @model_validator(mode="after")

@@ -52,7 +52,8 @@ class SteeringConfig:
     # Of the pass-1 rates (what the link delivered, else QEMU's own): the link's rate. Zero-page
     # stretches are slower, so a high quantile rather than the mean.
     rate_quantile: float = 0.9
-    drain_headroom: float = 0.6  # ... QEMU's share of the link while a backlog eats the budget
+    drain_headroom: float = 0.6  # QEMU's share of the drain rate while a backlog eats the budget
+    drain_window_s: float = 1.0  # the drain rate is measured over this window
     idle_trigger_threshold: int = 100  # auto-converge idle: triggers only when dirtying outruns sending
     idle_throttle_initial: int = 5
     idle_throttle_increment: int = 5
@@ -177,6 +178,8 @@ class ConvergenceSteering:
     _first_at: float | None = field(default=None, init=False)
     _limit_set: int = field(default=0, init=False)
     _cap_factor: float = field(default=0.0, init=False)
+    _drain_capped: bool = field(default=False, init=False)
+    _delivered: deque[tuple[float, int]] = field(default_factory=deque, init=False)
     backlog_ms: float = field(default=0.0, init=False)
     _pass1_rates: list[float] = field(default_factory=list, init=False)
 
@@ -243,7 +246,7 @@ class ConvergenceSteering:
         rate = sample.wire_bps if sample.wire_bps is not None else sample.mbps * 1e6
         if measuring and rate > 0 and len(self._pass1_rates) < self.config.history:
             self._pass1_rates.append(rate)
-        backlog = self._cap_when_measured() + self._follow_backlog(sample)
+        backlog = self._cap_when_measured() + self._follow_backlog(sample, now)
         if sample.iteration <= self._last_iteration:
             return backlog
         # A new pass began: judge the one that just ended.
@@ -255,12 +258,20 @@ class ConvergenceSteering:
             return actions
         return actions + self._escalate_if_needed(sample)
 
-    def _follow_backlog(self, sample: Sample) -> list[Action]:
-        """What sits between the QEMUs (socket buffers, the tunnel's window) crosses during the
-        downtime too: QEMU's downtime-limit is the budget minus the time it takes to drain, and while
-        that backlog alone eats half the budget QEMU is held further below the link so it drains."""
+    def _follow_backlog(self, sample: Sample, now: float) -> list[Action]:
+        """What sits between the QEMUs (socket buffers, the tunnel's window and queues) crosses during
+        the downtime too. Its drain time (the backlog over the rate at which bytes reach the
+        destination QEMU, measured) comes off QEMU's downtime-limit; and while it alone eats half the
+        budget, QEMU is held below that drain rate so it shrinks (a fast producer with a slow
+        consumer: a tunnel whose compression lets raw bytes in faster than the destination can
+        rebuild them, or TCP buffers filled before the link was known)."""
         c = self.config
-        drain_bps = (sample.wire_bps if self.policy.cap_bandwidth else None) or sample.mbps * 1e6
+        delivered = sample.transferred - sample.buffered_bytes
+        self._delivered.append((now, delivered))
+        while len(self._delivered) > 2 and now - self._delivered[1][0] >= c.drain_window_s:
+            self._delivered.popleft()
+        t0, d0 = self._delivered[0]
+        drain_bps = (delivered - d0) * 8 / (now - t0) if now - t0 >= c.drain_window_s / 2 else 0.0
         backlog_ms = sample.buffered_bytes * 8 / drain_bps * 1000 if drain_bps > 0 else 0.0
         self.backlog_ms = backlog_ms
         actions: list[Action] = []
@@ -270,18 +281,19 @@ class ConvergenceSteering:
             actions.append(
                 SetParameters({"downtime-limit": limit}, f"backlog {backlog_ms:.0f} ms", routine=True)
             )
-        if self.policy.cap_bandwidth and self._link_bps is not None:
-            budget = self.policy.max_downtime_ms
-            factor = c.drain_headroom if backlog_ms > budget / 2 else c.bandwidth_headroom
-            if factor != self._cap_factor:
-                self._cap_factor = factor
-                actions.append(
-                    SetParameters(
-                        {"max-bandwidth": self.bandwidth_cap(factor)},
-                        f"backlog {backlog_ms:.0f} ms",
-                        routine=True,
-                    )
-                )
+        draining = drain_bps > 0 and backlog_ms > self.policy.max_downtime_ms / 2
+        if draining:
+            cap = max(1 << 20, int(drain_bps / 8 * c.drain_headroom))
+        elif self._cap_factor != c.bandwidth_headroom or self._drain_capped:
+            cap = self.bandwidth_cap()
+        else:
+            return actions
+        if draining != self._drain_capped or (not draining and self._cap_factor != c.bandwidth_headroom):
+            self._drain_capped = draining
+            self._cap_factor = c.bandwidth_headroom
+            actions.append(
+                SetParameters({"max-bandwidth": cap}, f"backlog {backlog_ms:.0f} ms", routine=True)
+            )
         return actions
 
     def _cap_when_measured(self) -> list[Action]:

@@ -554,7 +554,9 @@ class SourceMigration(MigrationRun):
         buffered = path.buffered_bytes() if path is not None else 0
         if sample.status == "active":
             self._last_buffered = buffered
-        return dataclasses.replace(sample, wire_bps=rate if measured else None, buffered_bytes=buffered)
+        return dataclasses.replace(
+            sample, transferred=raw, wire_bps=rate if measured else None, buffered_bytes=buffered
+        )
 
     # ================================================================ verify, commit
 
