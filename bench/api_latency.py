@@ -327,12 +327,13 @@ def main() -> None:
         "max ms",
         "write p50",
         "write p99",
+        "cpu ms/req",
         "errors",
     ):
         table.add_column(col)
     for backend, res in results.items():
         if "skipped" in res:
-            table.add_row(backend, res["skipped"], *[""] * 8)
+            table.add_row(backend, res["skipped"], *[""] * 9)
             continue
         m = res["median"]
         keys = ("achieved_per_s", "p50_ms", "p90_ms", "p99_ms", "max_ms", "write_p50_ms", "write_p99_ms",

@@ -20,7 +20,7 @@ from novacron.guest.boot import wait_guest_ready
 from novacron.guest.control import GuestControl
 from novacron.hypervisor.console import ConsoleMatch
 from novacron.hypervisor.driver import StopMode, VMState, VMStatus
-from novacron.hypervisor.errors import VMStateError
+from novacron.hypervisor.errors import VMNotDefinedError, VMStateError
 from novacron.hypervisor.qemu import QemuDriver
 from novacron.hypervisor.spec import VMSpec, parse_spec
 from novacron.image import find_image
@@ -171,9 +171,13 @@ class VMService:
     # ----- queries -----
 
     async def _status(self, record: VMRecord) -> VMStatus:
-        if not self.driver.is_defined(record.name):
-            return VMStatus(name=record.name, state=VMState.DEFINED, detail="not defined on this host")
-        return await self.driver.status(record.name)
+        # One run-directory look-up per VM, never a scan (a listing is O(N)). A record of another
+        # node (a shared cluster store) says where the VM is when this host has no run directory.
+        try:
+            return await self.driver.status(record.name)
+        except VMNotDefinedError:
+            where = "this host" if record.node == self.node else f"this host; its node is {record.node}"
+            return VMStatus(name=record.name, state=VMState.DEFINED, detail=f"not defined on {where}")
 
     async def show(self, name: str) -> VMInfo:
         record = await self.inventory.get(name)
