@@ -66,6 +66,27 @@ class QemuLimits:
     crash_log_lines: int = 15
 
 
+# Guest RAM of PC machines lives in a shared memfd named like QEMU's default RAM block ("pc.ram"), so
+# the migration stream is the same as with plain -m, while the host agent can read the guest's memory
+# through /proc/<pid>/fd (the HDE baseline indexes local siblings from it, docs/tunnel.md).
+SHARED_RAM_ID = "pc.ram"
+SHARED_RAM_MEMFD_NAME = "memory-backend-memfd"  # what QEMU names the memfd (/proc/<pid>/fd link)
+
+
+def _shared_ram(spec: VMSpec) -> bool:
+    return spec.machine.startswith(("pc", "q35"))
+
+
+def _shared_ram_machine_opt(spec: VMSpec) -> str:
+    return f",memory-backend={SHARED_RAM_ID}" if _shared_ram(spec) else ""
+
+
+def _shared_ram_object(spec: VMSpec) -> list[str]:
+    if not _shared_ram(spec):
+        return []
+    return ["-object", f"memory-backend-memfd,id={SHARED_RAM_ID},size={spec.memory_mib}M,share=on"]
+
+
 class QemuDriver:
     """Runs VMs as QEMU processes; see the module docstring for the process model."""
 
@@ -164,9 +185,10 @@ class QemuDriver:
             self.qemu_binary,
             "-name", f"{spec.name},debug-threads=on",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-machine", f"{spec.machine},accel={accel}",
+            "-machine", f"{spec.machine},accel={accel}{_shared_ram_machine_opt(spec)}",
             "-smp", str(spec.vcpus),
             "-m", f"{spec.memory_mib}M",
+            *_shared_ram_object(spec),
             "-chardev", f"socket,id=qmp,path={rd.qmp_socket},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=qmp-events,path={rd.events_socket},server=on,wait=off",
