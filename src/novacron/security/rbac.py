@@ -41,7 +41,7 @@ class PermissionDenied(UserError):
     """The caller is authenticated but its role is below what the operation needs (HTTP 403)."""
 
 
-PrincipalKind = Literal["token", "local"]
+PrincipalKind = Literal["token", "local", "node"]  # node: a cluster node over mutual TLS
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,9 @@ class Principal:
     @property
     def actor(self) -> str:
         """How the audit log names this caller."""
-        return f"token:{self.token_id}({self.name})" if self.kind == "token" else f"local:{self.name}"
+        if self.kind == "token":
+            return f"token:{self.token_id}({self.name})"
+        return f"{self.kind}:{self.name}"
 
 
 @dataclass(frozen=True)
