@@ -24,6 +24,7 @@ SAMPLE_PATH_PARAMS = {
     "name": "no-such-vm",  # a valid VM name that does not exist
     "token_id": "aaaaaaaaaaaaaaaa",  # a well-formed token id that does not exist
     "profile": "test",
+    "node": "no-such-node",  # a valid node id that is not registered
 }
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 # The expected order, written out here rather than taken from Role, so a broken comparison in the
@@ -64,7 +65,7 @@ def test_every_served_route_is_in_the_matrix_and_the_spec(tmp_path: Path) -> Non
 @pytest.mark.parametrize("route", ROUTES, ids=[f"{r.method} {r.path}" for r in ROUTES])
 async def test_authorization_matrix(route: RouteInfo, tmp_path: Path) -> None:
     clock = Clock()
-    async with api_harness(tmp_path, clock=clock) as h:
+    async with api_harness(tmp_path, clock=clock, control=True) as h:
         tokens = h.services.tokens
         # Expired: issued an hour in the past with the shortest lifetime.
         clock.offset = -3600.0

@@ -41,7 +41,7 @@ def live_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     ready = threading.Event()
 
     async def main() -> None:
-        async with api_harness(root) as h:
+        async with api_harness(root, control=True) as h:
             stop = asyncio.Event()
             async with running_api(h.app, Listen(tcp_host="127.0.0.1", tcp_port=0)) as bound:
                 holder.update(port=bound.tcp_port, token=h.tokens[Role.ADMIN], stop=stop,

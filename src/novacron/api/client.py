@@ -57,13 +57,17 @@ class ServerAddress:
 
     url: str
 
-    def transport(self, ca_file: Path | None) -> tuple[str, httpx.AsyncHTTPTransport]:
+    def transport(
+        self, ca_file: Path | None, ssl_context: ssl.SSLContext | None = None
+    ) -> tuple[str, httpx.AsyncHTTPTransport]:
         parts = urlsplit(self.url)
         if parts.scheme == "unix":
             return "http://novacron", httpx.AsyncHTTPTransport(uds=parts.path)
         if parts.scheme in ("http", "https"):
             verify: ssl.SSLContext | bool = True
-            if parts.scheme == "https" and ca_file is not None:
+            if parts.scheme == "https" and ssl_context is not None:
+                verify = ssl_context  # a node's mTLS context (cluster calls between nodes)
+            elif parts.scheme == "https" and ca_file is not None:
                 ctx = ssl.create_default_context(cafile=str(ca_file))
                 # Node certificates name a SPIFFE identity, not a host name; the cluster CA is pinned.
                 ctx.check_hostname = False
@@ -108,8 +112,9 @@ class ApiClient:
         token: str | None = None,
         ca_file: Path | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        base, transport = ServerAddress(server).transport(ca_file)
+        base, transport = ServerAddress(server).transport(ca_file, ssl_context)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.server = server
         self._http = httpx.AsyncClient(base_url=base, transport=transport, headers=headers, timeout=timeout_s)

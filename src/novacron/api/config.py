@@ -43,4 +43,7 @@ class ApiConfig:
     # Role granted to clients of the unix socket that present no token: the socket's file mode
     # decides who can connect at all (like the Docker socket), so the default is admin.
     local_role: Role = Role.ADMIN
+    # Role of another cluster node on the node listener (its certificate, verified against the
+    # cluster CA, is the credential): it forwards VM creates, starts drain migrations, heartbeats.
+    node_role: Role = Role.OPERATOR
     title: str = "NovaCron API"

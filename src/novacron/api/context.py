@@ -18,6 +18,7 @@ from novacron.security.rbac import Principal
 
 SCOPE_KEY = "novacron.request"
 LOCAL_KEY = "novacron.local"  # set by the unix-socket listener's wrapper
+NODE_KEY = "novacron.node"  # the verified node id of a node-listener connection (mutual TLS)
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 

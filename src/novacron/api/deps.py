@@ -19,7 +19,7 @@ from fastapi.params import Depends as DependsParam
 from fastapi.routing import APIRoute
 
 from novacron.api.config import ApiConfig
-from novacron.api.context import context_of
+from novacron.api.context import NODE_KEY, context_of
 from novacron.api.ratelimit import RequestLimiter
 from novacron.observability.audit import AuditLog
 from novacron.security.rbac import PUBLIC, AuthError, Principal, Role, RouteAccess, authorize
@@ -91,7 +91,11 @@ class AccessCheck:
             return None
         try:
             presented = _bearer(request)
-            if presented is None:
+            node = request.scope.get(NODE_KEY)
+            if presented is None and isinstance(node, str):
+                # The node listener verified this peer's certificate against the cluster CA.
+                principal = Principal(kind="node", name=node, role=state.config.node_role)
+            elif presented is None:
                 if not ctx.local:
                     raise AuthError("this route needs a bearer token", needed=self.access.label)
                 principal = Principal(kind="local", name="unix-socket", role=state.config.local_role)
@@ -105,6 +109,8 @@ class AccessCheck:
             raise
         if principal.kind == "token" and principal.token_id is not None:
             limiter.take("token", principal.token_id)
+        elif principal.kind == "node":
+            limiter.take("token", f"node:{principal.name}")
         ctx.principal = principal
         route = request.scope.get("route")
         authorize(principal, self.access, action=getattr(route, "name", request.url.path))

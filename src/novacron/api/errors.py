@@ -17,8 +17,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from novacron.api.client import ApiClientError, ApiServerError
 from novacron.api.context import context_of
 from novacron.api.ratelimit import RateLimited
+from novacron.cluster.errors import CaPinMismatch, ClusterError, ClusterSettingError, JoinRefused
+from novacron.dwcp.placement import NoFeasibleHost, PlacementInputError
 from novacron.errors import ConflictError, NotFoundError, NovacronError, UserError
 from novacron.guest.control import GuestControlError
 from novacron.hypervisor.errors import SpecError
@@ -83,11 +86,19 @@ def _status_for(exc: NovacronError) -> int:
         (AuditQueryError, 422),
         (ImageSettingError, 422),
         (StoreLimitError, 422),
+        (ClusterSettingError, 422),
+        (PlacementInputError, 422),
+        (JoinRefused, 422),
+        (CaPinMismatch, 422),
         (NotFoundError, 404),
+        (NoFeasibleHost, 409),
         (ConflictError, 409),
         (UserError, 400),
         (StoreError, 503),
         (GuestControlError, 502),
+        (ClusterError, 502),
+        (ApiClientError, 502),
+        (ApiServerError, 502),
     )
     for cls, status in table:
         if isinstance(exc, cls):

@@ -55,6 +55,18 @@ class VMCreate(_Request):
     workload: WorkloadIn | None = None
     start: bool = False
     wait: bool = Field(default=False, description="with start: wait for the guest's READY marker")
+    node: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="the node to create it on; omitted on a control node: placed by the scheduler",
+    )
+    selector: dict[str, str] | None = Field(
+        default=None, max_length=64, description="node labels the VM's node must carry (placement)"
+    )
+    anti_affinity: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="VMs of one group never share a node (placement)",
+    )  # fmt: skip
 
     @field_validator("kernel")
     @classmethod
@@ -164,7 +176,7 @@ class TokenIssued(BaseModel):
 
 
 class WhoAmI(BaseModel):
-    kind: Literal["token", "local"]
+    kind: Literal["token", "local", "node"]
     name: str
     role: Role
     token_id: str | None = None

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import errno
 import ipaddress
+import logging
 import os
 import socket
 import ssl
@@ -22,13 +23,21 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from novacron.api.config import ApiConfigError, ApiLimits
-from novacron.api.context import LOCAL_KEY
+from novacron.api.context import LOCAL_KEY, NODE_KEY
 from novacron.api.middleware import ASGIApp, Receive, Send
+from novacron.observability.log import log_event
 from novacron.paths import state_dir
+from novacron.security.errors import CertificateError
+from novacron.security.pki import TrustBundle
+from novacron.security.tls import TlsConfig, peer_identity
+
+log = logging.getLogger("novacron.api.server")
 
 DEFAULT_TCP_PORT = 7480
+DEFAULT_NODE_PORT = 7481
 LISTEN_BACKLOG = 128
 DEFAULT_SOCKET_MODE = 0o600
 
@@ -57,6 +66,11 @@ class Listen:
     tls: TlsFiles | None = None
     allow_plain_remote: bool = False
     limits: ApiLimits = field(default_factory=ApiLimits)
+    # The node listener: mutual TLS with the node's own credentials; a peer's verified certificate
+    # is its credential (role ApiConfig.node_role), no bearer token needed.
+    node_tcp_host: str | None = None
+    node_tcp_port: int = DEFAULT_NODE_PORT
+    node_tls: TlsConfig | None = None
 
 
 class LocalMark:
@@ -130,19 +144,26 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
 class BoundListeners:
     unix: socket.socket | None = None
     tcp: socket.socket | None = None
+    node: socket.socket | None = None
 
     @property
     def tcp_port(self) -> int | None:
         return None if self.tcp is None else int(self.tcp.getsockname()[1])
 
+    @property
+    def node_port(self) -> int | None:
+        return None if self.node is None else int(self.node.getsockname()[1])
+
     def close(self) -> None:
-        for sock in (self.unix, self.tcp):
+        for sock in (self.unix, self.tcp, self.node):
             if sock is not None:
                 sock.close()
 
 
 def bind_listeners(listen: Listen) -> BoundListeners:
-    if listen.unix is None and listen.tcp_host is None:
+    if listen.node_tcp_host is not None and listen.node_tls is None:
+        raise ApiServerError("the node listener needs the node's TLS credentials")
+    if listen.unix is None and listen.tcp_host is None and listen.node_tcp_host is None:
         raise ApiServerError("the API needs a unix socket or a TCP address to listen on")
     if (
         listen.tcp_host is not None
@@ -160,6 +181,8 @@ def bind_listeners(listen: Listen) -> BoundListeners:
             bound.unix = _bind_unix(listen.unix, listen.socket_mode, listen.socket_gid)
         if listen.tcp_host is not None:
             bound.tcp = _bind_tcp(listen.tcp_host, listen.tcp_port)
+        if listen.node_tcp_host is not None:
+            bound.node = _bind_tcp(listen.node_tcp_host, listen.node_tcp_port)
     except BaseException:
         bound.close()
         raise
@@ -192,6 +215,57 @@ def _config(app: ASGIApp, limits: ApiLimits, tls: TlsFiles | None) -> uvicorn.Co
     return config
 
 
+class NodeMark:
+    """Marks every request of one node-listener connection with the peer's verified node id."""
+
+    def __init__(self, app: ASGIApp, node: str) -> None:
+        self.app = app
+        self.node = node
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Receive, send: Send) -> None:
+        scope[NODE_KEY] = self.node
+        await self.app(scope, receive, send)
+
+
+def _node_protocol(bundle: TrustBundle) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, wrapping the app per connection with the peer's identity (uvicorn has
+    no ASGI TLS extension). The handshake, with a client certificate required, is complete here."""
+
+    class NodeH11Protocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            ssl_object = transport.get_extra_info("ssl_object")
+            try:
+                if ssl_object is None:
+                    raise CertificateError("not a TLS connection")
+                identity = peer_identity(ssl_object, bundle)
+            except CertificateError as exc:
+                log_event(log, "api.node_peer_refused", logging.WARNING, reason=str(exc))
+                transport.close()
+                return
+            self.app = NodeMark(self.app, identity.node_id)
+
+    return NodeH11Protocol
+
+
+def _node_config(app: ASGIApp, limits: ApiLimits, tls: TlsConfig) -> uvicorn.Config:
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        access_log=False,
+        log_config=None,
+        http=_node_protocol(tls.bundle),
+        ssl_context_factory=lambda _config, _default: tls.server,
+        limit_concurrency=limits.max_concurrent_requests,
+        timeout_keep_alive=int(limits.keepalive_timeout_s),
+        timeout_graceful_shutdown=int(limits.graceful_shutdown_s),
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        server_header=False,
+    )
+    config.load()
+    return config
+
+
 class _Server(uvicorn.Server):
     def install_signal_handlers(self) -> None:  # the owner (agent, CLI) handles signals
         return
@@ -206,6 +280,8 @@ async def running_api(app: ASGIApp, listen: Listen) -> AsyncIterator[BoundListen
         servers.append((_Server(_config(LocalMark(app), listen.limits, None)), bound.unix))
     if bound.tcp is not None:
         servers.append((_Server(_config(app, listen.limits, listen.tls)), bound.tcp))
+    if bound.node is not None and listen.node_tls is not None:
+        servers.append((_Server(_node_config(app, listen.limits, listen.node_tls)), bound.node))
     tasks = [asyncio.create_task(s.serve(sockets=[sock])) for s, sock in servers]
     try:
         yield bound

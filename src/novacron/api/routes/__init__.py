@@ -8,7 +8,7 @@ and cluster join (``/v1/cluster/join``, public route authenticated by a bootstra
 
 from fastapi import APIRouter
 
-from novacron.api.routes import audit, health, images, metrics, tokens, vms
+from novacron.api.routes import audit, cluster, health, images, metrics, nodes, tokens, vms
 
 ROUTERS: tuple[APIRouter, ...] = (
     health.router,
@@ -17,4 +17,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     images.router,
     tokens.router,
     audit.router,
+    cluster.router,
+    nodes.router,
 )

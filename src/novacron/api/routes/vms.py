@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query, Request, status
 from novacron.api.deps import Operator, Services, Viewer, set_target
 from novacron.api.errors import ERROR_RESPONSES, RequestFieldError
 from novacron.api.models import ConsoleOut, DeletedOut, GuestDirtyIn, VMCreate, VMOut
+from novacron.cluster.control import ControlPlane
 from novacron.guest.control import ChecksumResult, DirtyAck, GuestStatus, VerifyResult
 from novacron.hypervisor.spec import NAME_PATTERN
 from novacron.image import PROFILES, ImageSettingError
@@ -20,6 +21,7 @@ router = APIRouter(prefix="/v1/vms", tags=["vms"], responses=ERROR_RESPONSES)
 NameArg = Annotated[str, Path(pattern=NAME_PATTERN, max_length=63, description="VM name")]
 MAX_CONSOLE_LINES = 2000
 MAX_STOP_TIMEOUT_S = 600.0
+MIN_PLACEMENT_MIB = 64  # a kernel-path VM without memory_mib: QEMU's default is 128 MiB
 
 
 def _out(info: VMInfo) -> VMOut:
@@ -62,8 +64,23 @@ async def list_vms(svc: Services, _: Viewer) -> list[VMOut]:
 
 @router.post("", name="vm.create", status_code=status.HTTP_201_CREATED)
 async def create_vm(req: VMCreate, request: Request, svc: Services, who: Operator) -> VMOut:
+    """Create on this node, or (on a control node, without ``node`` or naming another one) on the
+    node the placer chooses over the registry: the request is forwarded to that node's agent."""
     set_target(request, f"vm/{req.name}")
     spec, profile = spec_from_request(req, who)
+    control = getattr(request.app.state, "control", None)
+    if isinstance(control, ControlPlane) and req.node != svc.node:
+        node, api = await control.place(
+            req.name, int(spec.get("vcpus") or 1), int(spec.get("memory_mib") or 0) or MIN_PLACEMENT_MIB,
+            selector=req.selector, anti_affinity=req.anti_affinity, node=req.node,
+        )  # fmt: skip
+        if node != svc.node:
+            set_target(request, f"vm/{req.name}@{node}")
+            forwarded = await control.create_on(node, api, req.model_dump(mode="json", exclude_none=True))
+            return VMOut.model_validate(forwarded)
+    elif req.node is not None and req.node != svc.node:
+        raise RequestFieldError("this node is not a control node: it creates VMs only on itself",
+                                field="node", node=svc.node)  # fmt: skip
     info = await svc.vms.create(spec, image_profile=profile)
     if req.start:
         info = await svc.vms.start(req.name, wait_ready=req.wait)
