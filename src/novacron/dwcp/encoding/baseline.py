@@ -14,12 +14,18 @@ cache (LRU, bounded by ``memory_budget_bytes``) in front of ``pages.dat``. Recor
 while the store is open, so a reference taken from a summary stays valid for the whole session;
 memory pressure shrinks the hot cache (:meth:`BaselineStore.adapt_to_memory`), never fails a migration.
 When ``max_records`` is reached, new content is simply not stored (counted in ``skipped_pages``).
+
+Threads: writers (``add_batch``, ``add_content``, ``drop_copy``, ``flush``) take one lock; readers
+(decoder threads resolving references) take none: records only grow, and the sorted index is swapped
+as one tuple, so a reader sees either the old or the new index, never half of each. That lets the
+sibling indexer add content in a worker thread while a migration reads the store.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +112,7 @@ class BaselineStore:
         self._dirty_copies: set[str] = set()
         self._tags_map: U8Array | None = None
         self._pages_map: U8Array | None = None
+        self._write_lock = threading.Lock()
         self._load()
 
     # -- loading and persistence -----------------------------------------------------------------------
@@ -121,8 +128,7 @@ class BaselineStore:
             log_event(log, "baseline.truncated", level=logging.WARNING, records=self.records, sizes=sizes)
         fps = np.fromfile(self.dir / "fps.dat", dtype="<u8", count=self.records).astype(np.uint64)
         order = np.argsort(fps, kind="stable")
-        self._sorted_fps = fps[order]
-        self._sorted_rec = order.astype(np.int32)
+        self._index = (fps[order], order.astype(np.int32))  # sorted fingerprints, their records
         for path in sorted((self.dir / "copies").glob("*.npz")):
             try:
                 vm = bytes.fromhex(path.stem).decode()
@@ -142,6 +148,10 @@ class BaselineStore:
             self._copies[vm] = blocks
 
     def flush(self) -> None:
+        with self._write_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         for vm in sorted(self._dirty_copies):
             arrays: dict[str, npt.NDArray[np.generic]] = {}
             for name, (idx, rec) in self._copies.get(vm, {}).items():
@@ -169,6 +179,10 @@ class BaselineStore:
     # -- adding content ----------------------------------------------------------------------------------
     def add_batch(self, vm: str, batch: PageBatch) -> int:
         """Remember ``batch`` as part of ``vm``'s copy on this host; returns the new records written."""
+        with self._write_lock:
+            return self._add_batch(vm, batch)
+
+    def _add_batch(self, vm: str, batch: PageBatch) -> int:
         pages = batch.pages()
         index = (batch.offsets // np.uint64(PAGE_SIZE)).astype(np.uint32)
         nonzero = pages.view(np.uint64).any(axis=1)
@@ -185,21 +199,35 @@ class BaselineStore:
         self._dirty_copies.add(vm)
         return written
 
-    def add_content(self, pages: U8Array) -> int:
-        """Store pages without an address (e.g. a sibling VM's memory); returns new records written."""
+    def add_content(self, pages: U8Array, fps: npt.NDArray[np.uint64] | None = None) -> int:
+        """Store pages without an address (e.g. a sibling VM's memory); returns new records written.
+
+        ``fps``: the pages' fingerprints when the caller has them already (the sibling indexer).
+        """
         nonzero = pages.view(np.uint64).any(axis=1)
-        return self._store(pages[nonzero])[1]
+        with self._write_lock:
+            return self._store(pages[nonzero], None if fps is None else fps[nonzero])[1]
+
+    def holds_fingerprints(self, fps: npt.NDArray[np.uint64]) -> npt.NDArray[np.bool_]:
+        """Which fingerprints some record has (a cheap pre-filter: tags decide what is really held)."""
+        sorted_fps, _ = self._index
+        if sorted_fps.shape[0] == 0:
+            return np.zeros(fps.shape[0], dtype=bool)
+        pos = np.minimum(np.searchsorted(sorted_fps, fps), sorted_fps.shape[0] - 1)
+        return np.asarray(sorted_fps[pos] == fps)
 
     def drop_copy(self, vm: str) -> None:
         """Forget ``vm``'s address map (its content stays available as baseline content)."""
-        if self._copies.pop(vm, None) is not None:
-            (self.dir / "copies" / (vm.encode().hex() + ".npz")).unlink(missing_ok=True)
+        with self._write_lock:
+            if self._copies.pop(vm, None) is not None:
+                (self.dir / "copies" / (vm.encode().hex() + ".npz")).unlink(missing_ok=True)
 
-    def _store(self, pages: U8Array) -> tuple[I32Array, int]:
+    def _store(self, pages: U8Array, fps: npt.NDArray[np.uint64] | None = None) -> tuple[I32Array, int]:
         n = pages.shape[0]
         if n == 0:
             return np.zeros(0, np.int32), 0
-        fps = self.hasher.fingerprints(pages)
+        if fps is None:
+            fps = self.hasher.fingerprints(pages)
         tags = self.hasher.tags(pages)
         recs = self._find(fps, tags)
         new = np.flatnonzero(recs < 0)
@@ -226,9 +254,12 @@ class BaselineStore:
         # Insert in fingerprint order, so new values landing at the same position stay sorted too.
         by_fp = np.argsort(fps[rows], kind="stable")
         new_fps = fps[rows][by_fp]
-        pos = np.searchsorted(self._sorted_fps, new_fps)
-        self._sorted_fps = np.insert(self._sorted_fps, pos, new_fps)
-        self._sorted_rec = np.insert(self._sorted_rec, pos, rec_of_key[order][by_fp])
+        sorted_fps, sorted_rec = self._index
+        pos = np.searchsorted(sorted_fps, new_fps)
+        self._index = (
+            np.insert(sorted_fps, pos, new_fps),
+            np.insert(sorted_rec, pos, rec_of_key[order][by_fp]),
+        )
         recs[new] = rec_of_key[inverse.ravel()]
         return recs, int(order.shape[0])
 
@@ -236,30 +267,31 @@ class BaselineStore:
     def _find(self, fps: npt.NDArray[np.uint64], tags: U8Array) -> I32Array:
         """Record holding exactly the content with these fingerprints and tags, or -1."""
         out = np.full(fps.shape[0], -1, dtype=np.int32)
-        if self.records == 0 or fps.shape[0] == 0:
+        sorted_fps, sorted_rec = self._index  # one snapshot: a writer swaps the pair at once
+        if sorted_fps.shape[0] == 0 or fps.shape[0] == 0:
             return out
-        lo = np.searchsorted(self._sorted_fps, fps, side="left")
-        hi = np.searchsorted(self._sorted_fps, fps, side="right")
+        lo = np.searchsorted(sorted_fps, fps, side="left")
+        hi = np.searchsorted(sorted_fps, fps, side="right")
         stored = self._tags()
         single = np.flatnonzero(hi - lo == 1)
         if single.shape[0]:
-            rec = self._sorted_rec[lo[single]]
+            rec = sorted_rec[lo[single]]
             same = (stored[rec] == tags[single]).all(axis=1)
             out[single[same]] = rec[same]
         # Several records share a fingerprint only on a collision: check each candidate's tag.
         for i in np.flatnonzero(hi - lo > 1).tolist():
-            cand = self._sorted_rec[int(lo[i]) : int(hi[i])]
+            cand = sorted_rec[int(lo[i]) : int(hi[i])]
             same = (stored[cand] == tags[i]).all(axis=1)
             if same.any():
                 out[i] = cand[np.argmax(same)]
         return out
 
     def _tags(self) -> U8Array:
-        if self._tags_map is None or self._tags_map.shape[0] != self.records:
-            self._tags_map = np.memmap(
-                self.dir / "tags.dat", dtype=np.uint8, mode="r", shape=(self.records, TAG_BYTES)
-            )
-        return self._tags_map
+        tags_map, records = self._tags_map, self.records
+        if tags_map is None or tags_map.shape[0] != records:
+            tags_map = np.memmap(self.dir / "tags.dat", dtype=np.uint8, mode="r", shape=(records, TAG_BYTES))
+            self._tags_map = tags_map
+        return tags_map
 
     def read(self, recs: I32Array) -> U8Array:
         """The pages of these records: hot cache hits, then one vectorised read of the misses."""
@@ -282,11 +314,13 @@ class BaselineStore:
 
     def _pages(self) -> U8Array:
         """A read-only map of pages.dat (re-made when records were added)."""
-        if self._pages_map is None or self._pages_map.shape[0] != self.records:
-            self._pages_map = np.memmap(
-                self.dir / "pages.dat", dtype=np.uint8, mode="r", shape=(self.records, PAGE_SIZE)
+        pages_map, records = self._pages_map, self.records
+        if pages_map is None or pages_map.shape[0] != records:
+            pages_map = np.memmap(
+                self.dir / "pages.dat", dtype=np.uint8, mode="r", shape=(records, PAGE_SIZE)
             )
-        return self._pages_map
+            self._pages_map = pages_map
+        return pages_map
 
     # -- what the sender is told -------------------------------------------------------------------------
     def summary(self, vm: str | None) -> BaselineSummary:
@@ -295,7 +329,7 @@ class BaselineStore:
             all_tags = self._tags()
             for name, (idx, rec) in self._copies[vm].items():
                 copy[name] = CopyTags(idx.copy(), np.array(all_tags[rec]))
-        return BaselineSummary(copy=copy, content_fps=np.unique(self._sorted_fps))
+        return BaselineSummary(copy=copy, content_fps=np.unique(self._index[0]))
 
     def session(self, vm: str | None) -> BaselineSession:
         return BaselineSession(self, dict(self._copies.get(vm, {})) if vm is not None else {})
@@ -321,7 +355,8 @@ class BaselineStore:
     def index_bytes(self) -> int:
         """Bytes of the in-memory index (fingerprints, record numbers, copy maps); not the hot cache."""
         copies = sum(i.nbytes + r.nbytes for blocks in self._copies.values() for i, r in blocks.values())
-        return int(self._sorted_fps.nbytes + self._sorted_rec.nbytes + copies)
+        sorted_fps, sorted_rec = self._index
+        return int(sorted_fps.nbytes + sorted_rec.nbytes + copies)
 
     def described_bytes(self) -> int:
         """Memory the index describes: the distinct records plus every address of every copy."""
