@@ -186,6 +186,17 @@ class Agent:
         )
         self.service = MigrationService(host, peers, paths)
         await self.service.recover()
+        if baseline is not None:
+            # Local siblings (same image) as HDE baseline, indexed in the background (docs/tunnel.md).
+            from novacron.migration.tunnel.siblings import SiblingIndexer, host_siblings  # noqa: PLC0415
+
+            service = self.service
+            indexer = SiblingIndexer(
+                baseline,
+                host_siblings(driver, host.inventory, cfg.node_id),
+                busy=lambda: bool(service.active_vms()),
+            )
+            self._spawn(indexer.run(), "sibling-index")
 
         dwcp_host, dwcp_port = parse_address(cfg.listen.dwcp)
         self.listener = AmstListener(tls, options=session_options(cfg.migration.mode_warmup_s))
