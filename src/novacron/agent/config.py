@@ -132,6 +132,50 @@ class MigrationSettings(_Section):
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
 
 
+class ClusterSettings(_Section):
+    """Membership (``novacron cluster init`` / ``join`` write this section)."""
+
+    advertise: str  # the address other nodes reach this one at (DWCP and the node listener)
+    node_listen: str = "0.0.0.0:7481"  # the node listener: mutual TLS, peers' certificates authenticate
+    control: Annotated[list[str], Field(max_length=16)] = Field(default_factory=list)  # https URLs
+    roles: Annotated[list[Literal["control", "worker"]], Field(min_length=1, max_length=2)] = Field(
+        default_factory=lambda: list[Literal["control", "worker"]](["worker"])
+    )
+    labels: Annotated[dict[str, str], Field(max_length=64)] = Field(default_factory=dict)
+    heartbeat_s: Annotated[float, Field(ge=0.5, le=60)] = 2.0
+    vcpus: Annotated[int, Field(ge=1, le=65536)] | None = None  # default: the host's CPUs
+    memory_mib: Annotated[int, Field(ge=64)] | None = None  # default: migration.capacity_mib or RAM - 512
+
+    @field_validator("node_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_address(value, "node_listen")
+        return value
+
+    @field_validator("control")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not url.startswith("https://"):
+                raise ValueError(f"control URLs must be https://host:port, got {url!r}")
+        return value
+
+    @property
+    def is_control(self) -> bool:
+        return "control" in self.roles
+
+
+class StoreSettings(_Section):
+    backend: Literal["sqlite", "etcd"] = "sqlite"
+    endpoints: Annotated[list[str], Field(max_length=16)] = Field(default_factory=list)  # etcd
+
+    @model_validator(mode="after")
+    def _endpoints(self) -> StoreSettings:
+        if self.backend == "etcd" and not self.endpoints:
+            raise ValueError("the etcd backend needs endpoints")
+        return self
+
+
 class TestingSettings(_Section):
     """Fault injection for the failure tests; never set in production."""
 
@@ -147,6 +191,8 @@ class AgentConfig(_Section):
     peers: Annotated[dict[str, PeerConfig], Field(max_length=MAX_PEERS)] = Field(default_factory=dict)
     migration: MigrationSettings = Field(default_factory=MigrationSettings)
     testing: TestingSettings = Field(default_factory=TestingSettings)
+    cluster: ClusterSettings | None = None  # None: a standalone agent with static peers only
+    store: StoreSettings = Field(default_factory=StoreSettings)
     log_json: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -237,7 +283,10 @@ def render_config(config: AgentConfig) -> str:
         ("listen", config.listen),
         ("migration", config.migration),
         ("testing", config.testing),
+        ("store", config.store),
     ]
+    if config.cluster is not None:
+        sections.append(("cluster", config.cluster))
     for name, section in sections:
         values = section.model_dump(exclude_defaults=True, mode="json")
         nested = {k: v for k, v in values.items() if isinstance(v, dict)}
@@ -257,6 +306,8 @@ def render_config(config: AgentConfig) -> str:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

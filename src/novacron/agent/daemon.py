@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -27,14 +28,21 @@ from novacron.agent.config import AgentConfig, AgentConfigError, parse_address
 from novacron.agent.peers import (
     CHANNEL_DATA,
     AmstPeerSession,
+    ClusterPeers,
     DataSessions,
     Peer,
-    StaticPeers,
     session_options,
 )
 from novacron.api.app import build_services, create_app
+from novacron.api.deps import ApiServices
 from novacron.api.routes import migrations as migration_routes
 from novacron.api.server import BoundListeners, Listen, TlsFiles, running_api
+from novacron.cluster.calls import MtlsCaller
+from novacron.cluster.control import ControlPlane
+from novacron.cluster.errors import NodeConflict
+from novacron.cluster.jointokens import JoinTokenStore
+from novacron.cluster.membership import Membership
+from novacron.cluster.registry import NodeRegistry
 from novacron.dwcp.encoding import BaselineStore, DefaultPageHasher
 from novacron.dwcp.transport import AmstListener, AmstSession
 from novacron.errors import NovacronError
@@ -47,8 +55,9 @@ from novacron.migration.phases import PhaseTimeouts
 from novacron.migration.qemu import MigrationDriver
 from novacron.migration.service import MigrationService
 from novacron.observability.log import log_event
-from novacron.security.pki import load_identity
+from novacron.security.pki import load_ca, load_identity
 from novacron.security.tls import TlsConfig
+from novacron.store.base import KeyValueStore
 from novacron.store.sqlite import SqliteStore
 
 log = logging.getLogger("novacron.agent")
@@ -129,7 +138,12 @@ class AgentInfo:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.store: SqliteStore | None = None
+        self.store: KeyValueStore | None = None
+        self.tls: TlsConfig | None = None
+        self.peers: ClusterPeers | None = None
+        self.services: ApiServices | None = None
+        self.control: ControlPlane | None = None
+        self.membership: Membership | None = None
         self.service: MigrationService | None = None
         self.listener: AmstListener | None = None
         self.info: AgentInfo | None = None
@@ -157,7 +171,8 @@ class Agent:
                 configured=cfg.node_id, certificate=creds.identity.node_id,
             )  # fmt: skip
         tls = TlsConfig(creds)
-        self.store = SqliteStore(state / "store.db")
+        self.tls = tls
+        self.store = open_store(cfg)
         driver = MigrationDriver(state / "vms", accel_cache=state / "accel-probe.json")
         host = MigrationHost(
             node=cfg.node_id,
@@ -176,14 +191,12 @@ class Agent:
         paths = HostDataPaths(
             host, cluster_key=key, baseline=baseline, corrupt_batch=cfg.testing.corrupt_hde_batch
         )
-        peers = StaticPeers(
-            {
-                node: Peer(node, *p.host_port, link_bps=p.link_mbit * 1e6 if p.link_mbit else None)
-                for node, p in cfg.peers.items()
-            },
-            tls,
-            warmup_s=cfg.migration.mode_warmup_s,
-        )
+        static = {
+            node: Peer(node, *p.host_port, link_bps=p.link_mbit * 1e6 if p.link_mbit else None)
+            for node, p in cfg.peers.items()
+        }
+        peers = ClusterPeers(static, tls, warmup_s=cfg.migration.mode_warmup_s)
+        self.peers = peers
         self.service = MigrationService(host, peers, paths)
         await self.service.recover()
         if baseline is not None:
@@ -203,9 +216,13 @@ class Agent:
         bound = await self.listener.start(dwcp_host, dwcp_port)
         self._spawn(self._accept_loop(), "dwcp-accept")
 
-        services = build_services(self.store, driver, node=cfg.node_id)
+        services = build_services(self.store, driver, node=cfg.node_id, backend=cfg.store.backend)
+        self.services = services
         app = create_app(services, extra_routers=migration_routes.ROUTERS)
         app.state.migrations = self.service
+        if cfg.cluster is not None and cfg.cluster.is_control:
+            self.control = await self._control_plane(services.store, key)
+            app.state.control = self.control
         self.info = AgentInfo(
             node=cfg.node_id,
             cluster=creds.identity.cluster_id,
@@ -225,7 +242,19 @@ class Agent:
                 else None
             )
             listen = Listen(unix=cfg.api_socket, tcp_host=tcp_host, tcp_port=tcp_port, tls=tls_files)
+        if cfg.cluster is not None:
+            node_host, node_port = parse_address(cfg.cluster.node_listen, "cluster.node_listen")
+            listen = dataclasses.replace(
+                listen, node_tcp_host=node_host, node_tcp_port=node_port, node_tls=tls
+            )
         self.api = await self._stack.enter_async_context(running_api(app, listen))
+        if cfg.cluster is not None:
+            self.membership = Membership(
+                cfg, node_port=self.api.node_port or 0, dwcp_port=bound[1], services=services,
+                peers=peers, caller=MtlsCaller(tls), control=self.control,
+            )  # fmt: skip
+            await self.membership.beat_once()  # registered (or the failure logged) before agent.ready
+            self._spawn(self.membership.run(), "heartbeat")
         log_event(
             log,
             "agent.ready",
@@ -236,6 +265,31 @@ class Agent:
             data_paths=",".join(self.info.data_paths),
             pid=os.getpid(),
         )
+
+    async def _control_plane(self, store: KeyValueStore, key: bytes | None) -> ControlPlane:
+        cfg = self.config
+        try:
+            ca = load_ca(cfg.pki)
+        except NovacronError as exc:
+            raise AgentConfigError(
+                "a control node needs the cluster CA (ca.pem, ca.key) in its pki directory",
+                field="cluster.roles", pki_dir=str(cfg.pki), reason=exc.message,
+            ) from None  # fmt: skip
+        if self.tls is None:
+            raise AgentError("TLS credentials not loaded")
+        registry = NodeRegistry(store)
+        control = ControlPlane(
+            node=cfg.node_id,
+            registry=registry,
+            join_tokens=JoinTokenStore(store),
+            caller=MtlsCaller(self.tls),
+            ca=ca,
+            cluster_key=key,
+            store_info={"backend": cfg.store.backend, "endpoints": list(cfg.store.endpoints)},
+        )
+        with contextlib.suppress(NodeConflict):
+            await registry.admit(cfg.node_id)
+        return control
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -296,6 +350,8 @@ class Agent:
 
     async def close(self) -> None:
         log_event(log, "agent.stopping", node=self.config.node_id)
+        if self.control is not None:
+            await self.control.close()
         if self.service is not None:
             await self.service.close()
         if self.listener is not None:
@@ -311,6 +367,14 @@ class Agent:
             await self.store.close()
             self.store = None
         log_event(log, "agent.stopped", node=self.config.node_id)
+
+
+def open_store(cfg: AgentConfig) -> KeyValueStore:
+    if cfg.store.backend == "etcd":
+        from novacron.store.etcd import EtcdStore  # noqa: PLC0415 - grpc loads only when used
+
+        return EtcdStore(cfg.store.endpoints)
+    return SqliteStore(cfg.state_dir / "store.db")
 
 
 async def run_agent(config: AgentConfig, stop: asyncio.Event) -> None:

@@ -232,3 +232,33 @@ class StaticPeers:
         return AmstPeerSession(
             amst, control, peer=node, migration_id=migration_id, link_bps=peer.link_bps, links=self
         )
+
+
+MAX_REGISTRY_PEERS = 4096
+
+
+class ClusterPeers(StaticPeers):
+    """Static peers plus the peers the registry names (heartbeat answers). A static entry wins over
+    the registry's for the same node (it may carry a link rate); nodes that left the registry are
+    forgotten. A peer's address is only a hint: the DWCP handshake checks its certificate."""
+
+    def __init__(self, static: dict[str, Peer], tls: TlsConfig, *, warmup_s: float = 0.5) -> None:
+        super().__init__(dict(static), tls, warmup_s=warmup_s)
+        self.static = dict(static)
+
+    def update_from_registry(self, addresses: dict[str, str], *, own: str) -> None:
+        learned: dict[str, Peer] = {}
+        for node, address in list(addresses.items())[:MAX_REGISTRY_PEERS]:
+            if node == own or node in self.static:
+                continue
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit():
+                log_event(log, "agent.registry_peer_invalid", logging.WARNING, node=node, address=address)
+                continue
+            learned[node] = Peer(node, host.strip("[]"), int(port))
+        changed = {n for n in learned if self.peers.get(n) != learned[n]}
+        gone = set(self.peers) - set(self.static) - set(learned)
+        self.peers = {**learned, **self.static}
+        if changed or gone:
+            log_event(log, "agent.peers_updated", learned=",".join(sorted(changed)) or None,
+                      forgotten=",".join(sorted(gone)) or None, peers=len(self.peers))  # fmt: skip

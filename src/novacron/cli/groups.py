@@ -29,4 +29,6 @@ def all_groups() -> list[tuple[str, typer.Typer, str]]:
         ("migrate", _load("novacron.cli.migrate"), "Live-migrate a VM to another node (live progress).")
     )
     groups.append(("migration", _load("novacron.cli.migration"), "List, show and cancel migrations."))
+    groups.append(("cluster", _load("novacron.cli.cluster"), "Init a cluster, bootstrap tokens, join hosts."))
+    groups.append(("node", _load("novacron.cli.node"), "Node registry: list, cordon, labels, drain."))
     return groups
