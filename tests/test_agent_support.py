@@ -1,189 +1,49 @@
-"""Test support: real agent processes (``novacron agent run``) in the WAN emulator's namespaces.
-
-Each agent gets its own state directory, node certificate from one test CA, the shared cluster key
-and a config naming the other agents as static peers. Tests drive the agents only through their
-APIs (unix sockets, reachable from the test's namespace) and signals, as an operator would."""
+"""Test support: real agent processes in the WAN emulator's namespaces (``novacron.testing.agents``,
+shared with the migration benchmark and the demo), plus what only pytest needs."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
-import os
-import shutil
-import signal
-import sys
-import tempfile
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from novacron.agent.config import AgentConfig, parse_config, render_config
-from novacron.agent.daemon import write_cluster_key
-from novacron.api.client import ApiClient
-from novacron.security.pki import create_ca, issue_node_cert, write_credentials
-from novacron.testing import LinkSpec, WanEmulator
+from novacron.testing.agents import (
+    AGENT_READY_S,
+    DWCP_PORT,
+    FINAL,
+    NOVACRON,
+    AgentProc,
+    Cluster,
+    agent_cluster,
+    boot_vm,
+    guest,
+    migrate,
+    qemu_processes,
+    start_agent,
+    stop_agent,
+    wait_migration,
+    where_it_runs,
+)
 
-AGENT_READY_S = 60.0
-DWCP_PORT = 7400
-NOVACRON = str(Path(sys.executable).with_name("novacron"))
-FINAL = ("done", "failed", "cancelled")
-
-
-@dataclass
-class AgentProc:
-    node: str
-    config: AgentConfig
-    config_path: Path
-    proc: asyncio.subprocess.Process | None = None
-    lines: list[dict[str, Any]] = field(default_factory=list)
-    reader: asyncio.Task[None] | None = None
-
-    @property
-    def state(self) -> Path:
-        return self.config.state_dir
-
-    def client(self) -> ApiClient:
-        return ApiClient(f"unix://{self.config.api_socket}", timeout_s=120)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines if line.get("event") == name]
-
-    async def api(self, method: str, path: str, body: Any = None) -> Any:
-        async with self.client() as c:
-            return await c.request(method, path, json=body)
-
-
-async def _read(agent: AgentProc, ready: asyncio.Event) -> None:
-    assert agent.proc is not None and agent.proc.stderr is not None
-    while line := await agent.proc.stderr.readline():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = {"event": "raw", "text": line.decode(errors="replace").rstrip()}
-        agent.lines.append(record)
-        if record.get("event") == "agent.ready":
-            ready.set()
-
-
-async def start_agent(wan: WanEmulator, agent: AgentProc) -> AgentProc:
-    agent.proc = await wan.create_subprocess_exec(
-        agent.node, NOVACRON, "agent", "run", "--config", str(agent.config_path),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    ready = asyncio.Event()
-    agent.reader = asyncio.create_task(_read(agent, ready))
-    waiter = asyncio.ensure_future(ready.wait())
-    ended = asyncio.ensure_future(agent.proc.wait())
-    _done, _ = await asyncio.wait({waiter, ended}, timeout=AGENT_READY_S, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
-    ended.cancel()
-    if not ready.is_set():
-        tail = "\n".join(json.dumps(x) for x in agent.lines[-20:])
-        raise AssertionError(f"agent {agent.node} did not become ready:\n{tail}")
-    return agent
-
-
-async def stop_agent(agent: AgentProc, *, kill: bool = False) -> int | None:
-    proc = agent.proc
-    if proc is None or proc.returncode is not None:
-        return None if proc is None else proc.returncode
-    proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-    rc = await asyncio.wait_for(proc.wait(), 90)
-    if agent.reader is not None:
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(agent.reader, 10)
-    return rc
-
-
-@dataclass
-class Cluster:
-    wan: WanEmulator
-    agents: dict[str, AgentProc]
-    root: Path
-
-    def __getitem__(self, node: str) -> AgentProc:
-        return self.agents[node]
-
-
-@contextlib.asynccontextmanager
-async def agent_cluster(
-    link: LinkSpec | None,
-    *,
-    nodes: tuple[str, ...] = ("hosta", "hostb"),
-    migration: dict[str, dict[str, Any]] | None = None,
-    testing: dict[str, dict[str, Any]] | None = None,
-    backend: str = "tun",
-) -> AsyncIterator[Cluster]:
-    root = Path(tempfile.mkdtemp(prefix="nva", dir="/tmp"))
-    ca = create_ca("testdc")
-    key = write_cluster_key(root / "cluster.key")
-    wan = WanEmulator(list(nodes), link=link, backend=backend)
-    try:
-        async with wan:
-            agents: dict[str, AgentProc] = {}
-            for node in nodes:
-                state = root / node
-                write_credentials(issue_node_cert(ca, node, "agent"), state / "pki")
-                node_key = state / "pki" / "cluster.key"
-                shutil.copyfile(key, node_key)
-                os.chmod(node_key, 0o600)
-                cfg = parse_config(
-                    {
-                        "node_id": node,
-                        "state_dir": str(state),
-                        "listen": {"dwcp": f"{wan.address(node)}:{DWCP_PORT}"},
-                        "peers": {p: f"{wan.address(p)}:{DWCP_PORT}" for p in nodes if p != node},
-                        "migration": (migration or {}).get(node, {}),
-                        "testing": (testing or {}).get(node, {}),
-                        "log_level": "info",
-                    }
-                )
-                path = state / "agent.toml"
-                path.write_text(render_config(cfg))
-                agents[node] = AgentProc(node, cfg, path)
-            await asyncio.gather(*(start_agent(wan, a) for a in agents.values()))
-            try:
-                yield Cluster(wan, agents, root)
-            finally:
-                await asyncio.gather(*(stop_agent(a) for a in agents.values()), return_exceptions=True)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
-async def boot_vm(agent: AgentProc, name: str, **workload: int) -> dict[str, Any]:
-    body: dict[str, Any] = {"name": name, "profile": "test", "accel": "tcg", "start": True, "wait": True}
-    if workload:
-        body["workload"] = workload
-    result: dict[str, Any] = await agent.api("POST", "/v1/vms", body)
-    return result
-
-
-async def guest(agent: AgentProc, name: str) -> tuple[int, str, int]:
-    """(corrupted pages, static-data checksum, heartbeats) from the guest, through the agent's API."""
-    verify = await agent.api("GET", f"/v1/vms/{name}/guest/verify")
-    checksum = await agent.api("GET", f"/v1/vms/{name}/guest/checksum")
-    status = await agent.api("GET", f"/v1/vms/{name}/guest/status")
-    return int(verify["corrupted"]), str(checksum["checksum"]), int(status["heartbeats"])
-
-
-async def migrate(agent: AgentProc, vm: str, to: str, **options: Any) -> dict[str, Any]:
-    started: dict[str, Any] = await agent.api("POST", "/v1/migrations", {"vm": vm, "to": to, **options})
-    return started
-
-
-async def wait_migration(
-    agent: AgentProc, migration_id: str, timeout_s: float = 180, phases: tuple[str, ...] = FINAL
-) -> dict[str, Any]:
-    async with asyncio.timeout(timeout_s):
-        while True:
-            m: dict[str, Any] = await agent.api("GET", f"/v1/migrations/{migration_id}")
-            if str(m.get("phase")) in phases:
-                return m
-            await asyncio.sleep(0.2)  # polling the agent's API, as the CLI does
+__all__ = [
+    "AGENT_READY_S",
+    "DWCP_PORT",
+    "FINAL",
+    "NOVACRON",
+    "AgentProc",
+    "Cluster",
+    "agent_cluster",
+    "boot_vm",
+    "expect_done",
+    "guest",
+    "migrate",
+    "qemu_processes",
+    "start_agent",
+    "stop_agent",
+    "wait_migration",
+    "where_it_runs",
+]
 
 
 def expect_done(m: dict[str, Any]) -> None:
@@ -191,34 +51,3 @@ def expect_done(m: dict[str, Any]) -> None:
     if m.get("phase") != "done":
         detail = {k: m.get(k) for k in ("phase", "error", "events")}
         pytest.fail("migration did not finish:\n" + json.dumps(detail, indent=1, default=str), pytrace=False)
-
-
-async def where_it_runs(cluster: Cluster, vm: str) -> list[str]:
-    """Nodes whose agent reports the VM running (asks every agent that is up)."""
-    found = []
-    for node, agent in cluster.agents.items():
-        if agent.proc is None or agent.proc.returncode is not None:
-            continue
-        vms = await agent.api("GET", "/v1/vms")
-        if any(v["name"] == vm and v["state"] == "running" and v["node"] == node for v in vms):
-            found.append(node)
-    return found
-
-
-def qemu_processes(cluster: Cluster, vm: str) -> list[int]:
-    """Live QEMU processes of ``vm`` on any node (from /proc: whatever the agents believe)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            cmd
-            and cmd[0].endswith(b"qemu-system-x86_64")
-            and any(str(cluster.root).encode() in c for c in cmd)
-        ) and f"{vm},debug-threads=on".encode() in cmd:
-            pids.append(int(entry.name))
-    return pids
