@@ -51,7 +51,6 @@ from novacron.migration.errors import (
     MigrationConflict,
     MigrationDiverged,
     MigrationError,
-    MigrationInputError,
     MigrationRefused,
     PeerLost,
 )
@@ -72,6 +71,7 @@ from novacron.migration.messages import (
 )
 from novacron.migration.orchestrator import MigrationRun, error_info, wall
 from novacron.migration.phases import Phase
+from novacron.migration.planning import choose_plan, link_view
 from novacron.migration.qemu import FINAL_STATUSES, MigrationMonitor, migration_monitor
 from novacron.migration.records import MigrationRecord, Progress
 from novacron.observability import metrics
@@ -97,37 +97,6 @@ BASE_CAPABILITIES = {
 RATE_WINDOW_S = 1.0
 # Paths where QEMU's bytes go to TCP as they are (or QEMU-compressed): QEMU is capped below the link.
 UNCOMPRESSED_PATHS = frozenset({DataPathKind.DIRECT, DataPathKind.PASSTHROUGH})
-
-
-def choose_plan(
-    mode: Mode, request: MigrationRequest, kinds: frozenset[DataPathKind], host: MigrationHost
-) -> DataPathPlan:
-    """The data path for a mode (docs/migration.md section 5). Post-copy needs a single QEMU
-    connection in QEMU 7.2 (no multifd), which only the direct path offers."""
-    cfg = host.config
-    kind = request.data_path
-    if kind is None:
-        if request.allow_postcopy:
-            kind = DataPathKind.DIRECT
-        elif mode is Mode.DATACENTER:
-            kind = cfg.datacenter_path
-        else:
-            kind = DataPathKind.TUNNEL
-        if kind not in kinds:
-            kind = DataPathKind.DIRECT
-    if kind not in kinds:
-        raise MigrationInputError(
-            f"this host cannot run the {kind} data path", field="data_path", known=",".join(sorted(kinds))
-        )
-    channels = 0 if request.allow_postcopy else cfg.direct.multifd_channels
-    if kind is DataPathKind.DIRECT:
-        compression = cfg.direct.compression if mode is Mode.DATACENTER else cfg.direct_wan_compression
-        return DataPathPlan(kind, mode, channels, compression if channels else "none")
-    if channels == 0:
-        raise MigrationInputError(
-            "post-copy runs on the direct path only", field="data_path", asked=str(kind)
-        )
-    return DataPathPlan(kind, mode, channels, "none")
 
 
 def merged_settings(
@@ -280,7 +249,13 @@ class SourceMigration(MigrationRun):
                 self.request.mode or await self.session.wait_mode(host.config.mode_decision_s) or Mode.HYBRID
             )
             kinds = self.factory.kinds()
-            self.plan = plan = choose_plan(mode, self.request, kinds, host)
+            link = link_view(
+                hint_bps=self.session.link_hint_bps(),
+                measured_bps=self.session.bandwidth_bps(),
+                rtt_s=self.session.rtt_s(),
+                guest_vcpus=host.driver.spec(self.vm).vcpus,
+            )
+            self.plan = plan = choose_plan(mode, self.request, kinds, host, link=link)
             if plan.kind is not DataPathKind.DIRECT:
                 await self.session.open_data()
             peer_host = self.peers.address(self.peer)[0]
