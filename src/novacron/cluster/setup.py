@@ -26,9 +26,19 @@ from novacron.agent.config import AgentConfig, ClusterSettings, StoreSettings, p
 from novacron.api.client import ApiClient, ApiClientError
 from novacron.cluster.control import JoinResponse
 from novacron.cluster.csr import make_key_and_csr
-from novacron.cluster.errors import CaPinMismatch, ClusterError, ClusterSettingError
+from novacron.cluster.errors import (
+    CaPinMismatch,
+    ClusterError,
+    ClusterSettingError,
+    JoinRefused,
+    JoinTokenExpired,
+    JoinTokenInvalid,
+    JoinTokenUsed,
+    NodeConflict,
+)
 from novacron.cluster.jointokens import parse_join_token
 from novacron.cluster.registry import NodeRegistry
+from novacron.errors import NovacronError
 from novacron.security.pki import (
     NodeCredentials,
     TrustBundle,
@@ -47,6 +57,10 @@ DEFAULT_API_PORT = 7480
 DEFAULT_NODE_PORT = 7481
 JOIN_TIMEOUT_S = 30.0
 CLUSTER_KEY_FILE = "cluster.key"
+_REFUSALS: dict[str, type[NovacronError]] = {
+    cls.__name__: cls
+    for cls in (JoinTokenUsed, JoinTokenExpired, JoinTokenInvalid, JoinRefused, NodeConflict)
+}
 
 
 @dataclass(frozen=True)
@@ -230,6 +244,13 @@ async def _join(setup: NodeSetup, *, server: str, token: str) -> JoinResponse:
             answer = JoinResponse.model_validate(await client.request("POST", "/v1/cluster/join", json=body))
         except ApiClientError as exc:
             raise ClusterError("join request failed", server=server, reason=exc.message) from None
+        except NovacronError as exc:
+            # The server's refusal, as the typed error it named (the client only knows the status).
+            cls = _REFUSALS.get(str(exc.context.get("kind")))
+            if cls is None:
+                raise
+            context = {k: v for k, v in exc.context.items() if k not in {"kind", "status"}}
+            raise cls(exc.message, server=server, **context) from None
     cert = x509.load_pem_x509_certificate(answer.certificate_pem.encode())
     bundle = TrustBundle.from_pem(answer.ca_pem.encode(), source="join answer")
     if fingerprint(bundle.cas[0]) != pin:
