@@ -264,6 +264,8 @@ async def test_a_drain_whose_source_cannot_be_reached_reports_every_vm_as_failed
         control = ControlPlane(
             node="dst", registry=reg, join_tokens=JoinTokenStore(store), caller=caller, ca=ca
         )
+        failed_before = _sample("novacron_cluster_drain_moves_total", {"result": "failed"})
+        errors_before = _sample("novacron_errors_total", {"subsystem": "cluster", "type": "DrainMoveFailed"})
         job = await control.drains.start("src", parallel=2, by="t")
         assert job.task is not None
         await job.task
@@ -271,6 +273,9 @@ async def test_a_drain_whose_source_cannot_be_reached_reports_every_vm_as_failed
         assert report["state"] == "failed" and report["failed"] == 2 and report["done"] == 0
         assert all(m["attempts"] == 3 and "reach" in m["error"] for m in report["moves"])
         assert (await reg.get("src")).health == "maintenance"
+        assert _sample("novacron_cluster_drain_moves_total", {"result": "failed"}) == failed_before + 2
+        errors = _sample("novacron_errors_total", {"subsystem": "cluster", "type": "DrainMoveFailed"})
+        assert errors == errors_before + 6  # three attempts per VM
     finally:
         await store.close()
 
@@ -284,3 +289,9 @@ def test_csr_signing_checks_the_request() -> None:
         sign_csr(ca, b"not a csr", "n1")
     with pytest.raises(JoinRefused):
         sign_csr(ca, csr, "n2")
+
+
+def _sample(name: str, labels: dict[str, str]) -> float:
+    from novacron.observability.metrics import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from novacron.agent.config import load_config
 from novacron.api.client import ApiClient
@@ -172,10 +173,35 @@ async def test_three_hosts_join_place_twenty_vms_and_drain_one() -> None:
         )
         nodes = {n["node"]: n for n in await control.api("GET", "/v1/nodes")}
         assert nodes[drained]["health"] == "maintenance"
+        # The source's /metrics counted what ran: migrations by mode and outcome, bytes, ratio, API
+        # latency by route, store latency.
+        scraped = _metrics(await cluster[drained].api("GET", "/metrics"))
+        moves = len(per_node[drained])
+        assert _total(scraped, "novacron_migrations_total", outcome="completed") >= moves
+        assert _total(scraped, "novacron_migration_duration_seconds_count", outcome="completed") >= moves
+        assert _total(scraped, "novacron_migration_compression_ratio_count") >= moves
+        assert _total(scraped, "novacron_migration_bytes_raw_total") > 0
+        assert _total(scraped, "novacron_migration_bytes_wire_total") > 0
+        assert _total(scraped, "novacron_api_request_duration_seconds_count", route="/v1/migrations") >= moves
+        assert _total(scraped, "novacron_store_operation_duration_seconds_count") > 0
+        assert _total(scraped, "novacron_cluster_heartbeats_total", result="ok") > 0
+        on_control = _metrics(await control.api("GET", "/metrics"))
+        assert _total(on_control, "novacron_cluster_drain_moves_total", result="done") == moves
+        assert _total(on_control, "novacron_api_request_duration_seconds_count", route="/v1/vms") >= VM_COUNT
         async with ApiClient(f"unix://{control.config.api_socket}", token=admin) as c:
             entries = (await c.request("GET", "/v1/audit", params={"limit": 500}))["entries"]
         joins = [e["record"] for e in entries if e["record"]["action"] == "cluster.join"]
         assert any(j["result"] == "denied" and "JoinTokenUsed" in (j["error"] or "") for j in joins)
+
+
+def _metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (s.name, dict(s.labels), s.value) for f in text_string_to_metric_families(text) for s in f.samples
+    ]
+
+
+def _total(samples: list[tuple[str, dict[str, str], float]], name: str, **labels: str) -> float:
+    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
 
 
 def _cmdline(pid: int) -> bytes:

@@ -23,6 +23,7 @@ from novacron.cluster.placing import build_cluster
 from novacron.cluster.registry import NodeRegistry
 from novacron.dwcp.placement import DrainLimits, DrainRun, Move, plan_drain
 from novacron.errors import NovacronError
+from novacron.observability import metrics
 from novacron.observability.log import log_event
 
 log = logging.getLogger("novacron.cluster.drain")
@@ -180,6 +181,9 @@ class Drains:
                         report.state, report.error = "failed", error
                     else:
                         report.state, report.error = "pending", error  # retried
+                    metrics.DRAIN_MOVES.labels(report.state if report.state != "pending" else "retried").inc()
+                    if not ok:
+                        metrics.count_error("cluster", "DrainMoveFailed")
         finally:
             for task in running:
                 task.cancel()

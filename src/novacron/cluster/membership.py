@@ -23,6 +23,7 @@ from novacron.cluster.calls import NodeCaller
 from novacron.cluster.control import ControlPlane
 from novacron.cluster.registry import NodeReport, VMSummary
 from novacron.errors import NovacronError
+from novacron.observability import metrics
 from novacron.observability.log import log_event
 
 log = logging.getLogger("novacron.cluster.membership")
@@ -135,6 +136,7 @@ class Membership:
                 break
             except (NovacronError, OSError) as exc:
                 errors.append(f"{url}: {exc}")
+        metrics.HEARTBEATS.labels("ok" if answer is not None else "failed").inc()
         if answer is None:
             log_event(
                 log,

@@ -140,8 +140,22 @@ STORE_ERRORS = Counter(
     registry=REGISTRY,
 )
 
+# ----- cluster -----
+DRAIN_MOVES = Counter(
+    "novacron_cluster_drain_moves_total",
+    "Drain moves (live migrations started by a drain) by result: done, retried, failed.",
+    ["result"],
+    registry=REGISTRY,
+)
+HEARTBEATS = Counter(
+    "novacron_cluster_heartbeats_total",
+    "Heartbeats an agent sent, by result (ok: a control node took it).",
+    ["result"],
+    registry=REGISTRY,
+)
+
 _SUBSYSTEMS: Final = frozenset(
-    {"api", "store", "migration", "dwcp", "hypervisor", "guest", "placement", "security", "agent"}
+    {"api", "store", "migration", "dwcp", "hypervisor", "guest", "placement", "security", "agent", "cluster"}
 )
 
 
