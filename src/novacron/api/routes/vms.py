@@ -69,6 +69,7 @@ async def create_vm(req: VMCreate, request: Request, svc: Services, who: Operato
     set_target(request, f"vm/{req.name}")
     spec, profile = spec_from_request(req, who)
     control = getattr(request.app.state, "control", None)
+    placed_here = False
     if isinstance(control, ControlPlane) and req.node != svc.node:
         node, api = await control.place(
             req.name, int(spec.get("vcpus") or 1), int(spec.get("memory_mib") or 0) or MIN_PLACEMENT_MIB,
@@ -78,10 +79,16 @@ async def create_vm(req: VMCreate, request: Request, svc: Services, who: Operato
             set_target(request, f"vm/{req.name}@{node}")
             forwarded = await control.create_on(node, api, req.model_dump(mode="json", exclude_none=True))
             return VMOut.model_validate(forwarded)
+        placed_here = True
     elif req.node is not None and req.node != svc.node:
         raise RequestFieldError("this node is not a control node: it creates VMs only on itself",
                                 field="node", node=svc.node)  # fmt: skip
-    info = await svc.vms.create(spec, image_profile=profile)
+    try:
+        info = await svc.vms.create(spec, image_profile=profile)
+    except BaseException:
+        if placed_here and isinstance(control, ControlPlane):
+            control.release(svc.node, req.name)  # the reserved capacity goes back
+        raise
     if req.start:
         info = await svc.vms.start(req.name, wait_ready=req.wait)
     return _out(info)
