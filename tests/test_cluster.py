@@ -295,3 +295,34 @@ def _sample(name: str, labels: dict[str, str]) -> float:
     from novacron.observability.metrics import REGISTRY
 
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.etcd
+async def test_init_on_etcd_and_the_registry_there(tmp_path: Path) -> None:
+    """`cluster init --etcd`: the admin token and this node's record live in etcd, the agent config
+    names the etcd store, and the registry's lease rules hold on etcd (a revoked lease = not ready)."""
+    from novacron.agent.config import load_config
+    from novacron.cluster.setup import init_cluster
+    from novacron.security.tokens import TokenStore
+    from novacron.store.etcd import EtcdStore
+    from novacron.testing.etcd import EtcdCluster
+
+    async with EtcdCluster(1, base_dir=tmp_path / "etcd") as etcd:
+        result = await init_cluster(_setup(tmp_path, "ctl"), cluster="te", etcd=list(etcd.endpoints),
+                                    admin_ttl_s=None)  # fmt: skip
+        cfg = load_config(result.config)
+        assert cfg.store.backend == "etcd" and cfg.store.endpoints == list(etcd.endpoints)
+        assert cfg.cluster is not None and cfg.cluster.is_control
+        store = EtcdStore(etcd.endpoints)
+        try:
+            assert (await TokenStore(store).authenticate(result.admin_token)).role == "admin"
+            reg = NodeRegistry(store)
+            assert (await reg.get("ctl")).health == "not-ready"
+            report = NodeReport(node="ctl", dwcp="127.0.0.1:7400", api="https://127.0.0.1:7481", vcpus=2,
+                                memory_mib=1024)  # fmt: skip
+            await reg.heartbeat(report)
+            assert (await reg.get("ctl")).health == "ready"
+            await store.lease_revoke((await reg.record("ctl")).lease)
+            assert (await reg.get("ctl")).health == "not-ready"
+        finally:
+            await store.close()
