@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from novacron.migration.errors import ControlProtocolError
 
-MAX_MESSAGE_BYTES = 4 << 20  # the AMST channel's default message limit; READY's summary is the big one
-MAX_SUMMARY_BYTES = 3 << 20
+MAX_MESSAGE_BYTES = 16 << 20  # the AMST channel's default message limit; READY's summary is the big one
+MAX_SUMMARY_BYTES = 15 << 20  # ~28 B per page held: a 768 MiB guest's went past 3 MiB; chunk for > 2 GiB
 MAX_ARTEFACT_CHUNK = 1 << 20
 MAX_REASON = 1024
 MAX_ARTEFACTS = 8

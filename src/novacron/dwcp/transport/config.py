@@ -39,7 +39,7 @@ class AmstConfig:
     session_window: int = 128 * MiB
     max_channels: int = 256
     max_reorder_chunks: int = 65536
-    max_message_size: int = 4 * MiB
+    max_message_size: int = 16 * MiB  # a migration READY carries the baseline summary (28 B per page)
     finished_channels_remembered: int = 1024
     ack_delay_s: float = 0.005
     ack_every_bytes: int = 1 * MiB
