@@ -4,7 +4,7 @@ on another host, with its memory intact (VERIFY finds no corrupted page, CHECKSU
 data unchanged), and the drained host runs none.
 
 Three network namespaces joined by the WAN emulator (unshaped links: a datacenter); real agents, real
-QEMU (TCG), real mTLS. The guests are the ``test`` image booted small (96 MiB, 4 MiB data, 2 MiB
+QEMU (TCG), real mTLS. The guests are the ``test`` image booted small (128 MiB, 4 MiB data, 2 MiB
 working set, 20 dirty pages/s): 20 TCG guests of the default 192 MiB test size are more than two
 shared cores run comfortably next to three agents and their migrations.
 """
@@ -15,6 +15,7 @@ import asyncio
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -42,7 +43,7 @@ NODES = ("hosta", "hostb", "hostc")
 VM_COUNT = 20
 CREATE_PARALLEL = 4  # guests booting at once (TCG on two cores)
 TINY: dict[str, Any] = {
-    "memory_mib": 96,
+    "memory_mib": 128,
     "workload": {"data_mib": 4, "ws_mib": 2, "dirty_rate": 20, "rewrite_rate": 4},
 }
 READY_TIMEOUT_S = 60.0
@@ -137,7 +138,9 @@ async def test_three_hosts_join_place_twenty_vms_and_drain_one() -> None:
                 out = await control.api("POST", "/v1/vms", body)
             placed[name] = out["node"]
 
+        t0 = time.monotonic()
         await asyncio.gather(*(create(i) for i in range(VM_COUNT)))
+        print(f"20 VMs placed and booted in {time.monotonic() - t0:.1f} s")
         per_node = {n: sorted(v for v, h in placed.items() if h == n) for n in NODES}
         assert all(per_node[n] for n in NODES), per_node  # the placer spreads them
         before = {}
