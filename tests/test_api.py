@@ -81,7 +81,7 @@ async def test_missing_image_is_a_clear_404(tmp_path: Path, monkeypatch: pytest.
         assert resp.status_code == 404
         assert "novacron image build --profile test" in str(err(resp)["message"])
         images = (await c.get("/v1/images")).json()
-        assert {i["profile"]: i["built"] for i in images} == {"default": False, "test": False}
+        assert {i["profile"]: i["built"] for i in images} == {"default": False, "test": False, "tiny": False}
 
 
 async def test_rate_limit_per_token_with_retry_after(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from novacron.security.tokens import TokenLimits
 MAX_MEMORY_MIB = 1 << 20  # 1 TiB: the schema's bound; the host's own limit is checked on create
 MAX_PATH_CHARS = 4095  # PATH_MAX less the terminator
 MAX_NAME_BYTES = 255  # NAME_MAX
-ProfileName = Literal["test", "default"]  # the image profiles (a test checks this against PROFILES)
+ProfileName = Literal["test", "tiny", "default"]  # the image profiles (a test checks this against PROFILES)
 HOST_PATH_PATTERN = r"^/[\x21-\x7e]*$"  # absolute: a server has no useful working directory
 _TOKEN_LIMITS = TokenLimits()
 
