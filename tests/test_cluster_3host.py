@@ -37,7 +37,7 @@ from novacron.testing.agents import (
     start_agent,
     stop_agent,
 )
-from novacron.testing.emulator import WanEmulator
+from novacron.testing.emulator import Backend, WanEmulator
 
 pytestmark = [pytest.mark.netns, pytest.mark.qemu, pytest.mark.slow]
 
@@ -72,7 +72,7 @@ async def wait_ready_nodes(control: AgentProc, count: int) -> list[dict[str, Any
 @asynccontextmanager
 async def joined_cluster() -> AsyncIterator[tuple[Cluster, str]]:
     root = Path(tempfile.mkdtemp(prefix="nvk", dir="/tmp"))  # short: unix socket paths live below it
-    wan = WanEmulator(list(NODES))
+    wan = WanEmulator(list(NODES), backend=Backend.VETH)  # unshaped links: the kernel forwards
     agents: dict[str, AgentProc] = {}
     try:
         async with wan:
@@ -113,7 +113,7 @@ def _agent(node: str, root: Path) -> AgentProc:
     return AgentProc(node, load_config(path), path)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 async def test_three_hosts_join_place_twenty_vms_and_drain_one() -> None:
     await asyncio.to_thread(build_image, PROFILE)  # cached after the first build (~10 s)
     async with joined_cluster() as (cluster, admin):
@@ -153,7 +153,17 @@ async def test_three_hosts_join_place_twenty_vms_and_drain_one() -> None:
         drained = "hostb"
         env = {"NOVACRON_SERVER": f"unix://{control.config.api_socket}"}
         rc, out, err = await cli(
-            cluster.wan, "hosta", "node", "drain", drained, "--parallel", "3", "--json", env=env
+            cluster.wan,
+            "hosta",
+            "node",
+            "drain",
+            drained,
+            "--parallel",
+            "3",
+            "--mode",
+            "datacenter",
+            "--json",
+            env=env,
         )
         report = json.loads(out)
         assert rc == 0, json.dumps(report, indent=1) + err

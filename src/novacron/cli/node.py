@@ -133,14 +133,21 @@ def _moves_table(report: dict[str, Any]) -> Table:
 def drain(
     node: NodeArg,
     parallel: Annotated[int, typer.Option("--parallel", help="Live migrations in flight at once.")] = 2,
+    mode: Annotated[str, typer.Option("--mode", help="auto | datacenter | hybrid | internet")] = "auto",
+    data_path: Annotated[
+        str | None, typer.Option("--data-path", help="direct | tunnel | passthrough")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Cordon the node and move every VM off it by live migration; exit 1 if any VM stays."""
 
+    request: dict[str, Any] = {"parallel": parallel, "mode": mode}
+    if data_path is not None:
+        request["data_path"] = data_path
+
     async def main() -> dict[str, Any]:
         async with connect() as client:
-            report: dict[str, Any] = await client.request("POST", f"/v1/nodes/{node}/drain",
-                                                          json={"parallel": parallel})  # fmt: skip
+            report: dict[str, Any] = await client.request("POST", f"/v1/nodes/{node}/drain", json=request)
             columns = (TextColumn("draining {task.description}"), BarColumn(), TaskProgressColumn(),
                        TextColumn("{task.fields[detail]}"), TimeElapsedColumn())  # fmt: skip
             progress = Progress(*columns, console=console)

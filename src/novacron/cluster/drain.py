@@ -55,11 +55,17 @@ class MoveReport:
     downtime_ms: float | None = None
 
 
+MigrationMode = Literal["auto", "datacenter", "hybrid", "internet"]
+DataPath = Literal["direct", "tunnel", "passthrough"]
+
+
 @dataclass
 class DrainJob:
     node: str
     parallel: int
     by: str
+    mode: MigrationMode = "auto"  # passed to every migration (auto: the session's mode detector)
+    data_path: DataPath | None = None  # None: the source agent's policy for the mode
     state: Literal["planning", "running", "done", "failed"] = "planning"
     started_at: float = field(default_factory=time.time)
     ended_at: float | None = None
@@ -74,6 +80,8 @@ class DrainJob:
             "node": self.node,
             "parallel": self.parallel,
             "by": self.by,
+            "mode": self.mode,
+            "data_path": self.data_path,
             "state": self.state,
             "started_at": self.started_at,
             "ended_at": self.ended_at,
@@ -98,13 +106,21 @@ class Drains:
     def get(self, node: str) -> DrainJob | None:
         return self._jobs.get(node)
 
-    async def start(self, node: str, *, parallel: int, by: str) -> DrainJob:
+    async def start(
+        self,
+        node: str,
+        *,
+        parallel: int,
+        by: str,
+        mode: MigrationMode = "auto",
+        data_path: DataPath | None = None,
+    ) -> DrainJob:
         DrainLimits(max_parallel=parallel)  # validates the bound (PlacementInputError names the field)
         await self.registry.record(node)  # NodeNotFound before anything changes
         current = self._jobs.get(node)
         if current is not None and current.state in ("planning", "running"):
             raise NodeConflict(f"node {node!r} is already being drained", node=node)
-        job = DrainJob(node=node, parallel=parallel, by=by)
+        job = DrainJob(node=node, parallel=parallel, by=by, mode=mode, data_path=data_path)
         self._jobs[node] = job
         self._jobs.move_to_end(node)
         while len(self._jobs) > MAX_FINISHED_DRAINS:
@@ -165,7 +181,7 @@ class Drains:
                         time.time(),
                     )
                     report.error = None
-                    running[asyncio.create_task(self._move(source.api, move, report))] = move
+                    running[asyncio.create_task(self._move(source.api, move, report, job))] = move
                 if not running:
                     break
                 done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
@@ -194,13 +210,14 @@ class Drains:
         log_event(log, "cluster.drain_finished", node=job.node, state=job.state,
                   done=len(run.done), failed=len(bad))  # fmt: skip
 
-    async def _move(self, api: str, move: Move, report: MoveReport) -> tuple[bool, str]:
+    async def _move(self, api: str, move: Move, report: MoveReport, job: DrainJob) -> tuple[bool, str]:
         """One live migration through the source agent: True when it committed."""
+        body: dict[str, Any] = {"vm": move.vm, "to": move.dst, "mode": job.mode}
+        if job.data_path is not None:
+            body["data_path"] = job.data_path
         try:
             async with asyncio.timeout(self.settings.move_timeout_s):
-                started = await self.caller.call(
-                    api, "POST", "/v1/migrations", {"vm": move.vm, "to": move.dst}
-                )
+                started = await self.caller.call(api, "POST", "/v1/migrations", body)
                 report.migration = str(started["id"])
                 while True:
                     record = await self.caller.call(api, "GET", f"/v1/migrations/{report.migration}")

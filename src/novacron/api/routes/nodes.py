@@ -3,7 +3,7 @@ Served by control nodes (``app.state.control``)."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Request, status
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,6 +34,12 @@ class DrainIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     parallel: Annotated[int, Field(ge=1, le=MAX_PARALLEL_LIMIT)] = 2
+    mode: Literal["auto", "datacenter", "hybrid", "internet"] = Field(
+        default="auto", description="migration mode of every move (auto: each session's mode detector)"
+    )
+    data_path: Literal["direct", "tunnel", "passthrough"] | None = Field(
+        default=None, description="data path of every move (default: the source agent's policy)"
+    )
 
 
 class HeartbeatOut(BaseModel):
@@ -107,8 +113,10 @@ async def drain(
 ) -> dict[str, Any]:
     """Cordon the node and move its VMs away by live migration, ``parallel`` at a time."""
     set_target(request, f"node/{node}")
-    job: DrainJob = await control_plane(request).drains.start(node, parallel=(body or DrainIn()).parallel,
-                                                              by=who.actor)  # fmt: skip
+    req = body or DrainIn()
+    job: DrainJob = await control_plane(request).drains.start(
+        node, parallel=req.parallel, by=who.actor, mode=req.mode, data_path=req.data_path
+    )
     return job.as_dict()
 
 
