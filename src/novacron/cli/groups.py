@@ -19,7 +19,7 @@ def all_groups() -> list[tuple[str, typer.Typer, str]]:
     groups.append(("vm", _load("novacron.cli.vm"), "Create, run and inspect VMs on this host."))
     groups.append(("image", _load("novacron.cli.image"), "Build and inspect the test guest image."))
     groups.append(("pki", _load("novacron.cli.pki"), "Cluster CA, node certificates and trust bundles."))
-    groups.append(("demo", _load("novacron.cli.demo"), "Boot the test guest and show its workload live."))
+    groups.append(("demo", _load("novacron.cli.demo"), "Migrate a live VM between two emulated hosts."))
     groups.append(("api", _load("novacron.cli.api"), "Serve the REST API on this host; list its routes."))
     groups.append(("config", _load("novacron.cli.config"), "API contexts (server, token) like kubectl."))
     groups.append(("token", _load("novacron.cli.token"), "API bearer tokens: create, list, revoke."))

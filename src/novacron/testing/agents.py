@@ -37,7 +37,7 @@ from novacron.security.pki import create_ca, issue_node_cert, write_credentials
 from novacron.testing.emulator import Backend, WanEmulator
 from novacron.testing.link import LinkSpec
 
-AGENT_READY_S = 60.0  # an agent's start (store, recovery, listener, API) until ``agent.ready``
+AGENT_READY_S = 120.0  # an agent's start until ``agent.ready`` (loaded hosts are slow)
 AGENT_STOP_S = 90.0  # SIGTERM gives live migrations up to 30 s; then the store closes
 API_TIMEOUT_S = 120.0  # one API request (booting a guest with wait=true takes ~15 s under TCG)
 DWCP_PORT = 7400
@@ -150,11 +150,12 @@ async def agent_cluster(
     migration: dict[str, dict[str, Any]] | None = None,
     testing: dict[str, dict[str, Any]] | None = None,
     backend: str = "tun",
-    log_level: str = "info",
+    log_level: str = "info",  # or "debug"
 ) -> AsyncIterator[Cluster]:
     """Agents on ``nodes``, one namespace each, joined by the emulator with ``link`` in every direction.
 
-    ``migration`` and ``testing`` are per-node ``[migration]`` / ``[testing]`` config sections."""
+    ``migration`` and ``testing`` are per-node ``[migration]`` / ``[testing]`` config sections;
+    ``log_level`` must keep ``info`` events (``agent.ready`` is how a start is noticed)."""
     root = Path(tempfile.mkdtemp(prefix="nva", dir="/tmp"))  # short: unix socket paths live below it
     ca = create_ca("testdc")
     key = write_cluster_key(root / "cluster.key")
