@@ -236,6 +236,7 @@ def main() -> None:
     parser.add_argument("--back-wait", type=float, default=BACK_WAIT_S, help="workload seconds before 'back'")
     parser.add_argument("--lock", default=DEFAULT_LOCK, help="lock file taken around each run ('' for none)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--save", help="also write the JSON output to this file")
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.only = 1, args.only or "100mbit"
@@ -255,23 +256,30 @@ def main() -> None:
     raw: dict[str, list[Row]] = {}
     for link in links:
         for repeat in range(args.repeats):
-            with heavy_lock(args.lock):
-                rows = asyncio.run(run_link(link, repeat, methods, args))
+            try:
+                with heavy_lock(args.lock):
+                    rows = asyncio.run(run_link(link, repeat, methods, args))
+            except NovacronError as exc:  # e.g. an agent or a guest that would not start: every row fails
+                say(f"{link.name} repeat {repeat + 1} failed: {type(exc).__name__}: {exc}")
+                rows = [Row.failed(m, f"run failed: {type(exc).__name__}: {exc}") for m in methods]
             for row in rows:
                 raw.setdefault(f"{link.key}|{row.method}", []).append(row)
     summaries = with_ratios_and_goals(
         [summarize(key.split("|")[0], key.split("|")[1], rows) for key, rows in raw.items()]
     )
     elapsed = time.monotonic() - started
+    out = {
+        "profile": args.profile,
+        "rate": args.rate,
+        "repeats": args.repeats,
+        "elapsed_s": elapsed,
+        "summaries": [s.as_dict() for s in summaries],
+        "runs": {k: [r.as_dict() for r in v] for k, v in raw.items()},
+    }
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(out, f, indent=2, default=str)
     if args.json:
-        out = {
-            "profile": args.profile,
-            "rate": args.rate,
-            "repeats": args.repeats,
-            "elapsed_s": elapsed,
-            "summaries": [s.as_dict() for s in summaries],
-            "runs": {k: [r.as_dict() for r in v] for k, v in raw.items()},
-        }
         print(json.dumps(out, indent=2, default=str))
         return
     print_table(summaries, links, args, elapsed)
