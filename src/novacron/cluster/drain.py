@@ -66,6 +66,7 @@ class DrainJob:
     by: str
     mode: MigrationMode = "auto"  # passed to every migration (auto: the session's mode detector)
     data_path: DataPath | None = None  # None: the source agent's policy for the mode
+    parallel_effective: int | None = None  # after the source agent's limit of outgoing migrations
     state: Literal["planning", "running", "done", "failed"] = "planning"
     started_at: float = field(default_factory=time.time)
     ended_at: float | None = None
@@ -79,6 +80,7 @@ class DrainJob:
         return {
             "node": self.node,
             "parallel": self.parallel,
+            "parallel_effective": self.parallel_effective,
             "by": self.by,
             "mode": self.mode,
             "data_path": self.data_path,
@@ -167,8 +169,9 @@ class Drains:
         job.state = "running"
         log_event(log, "cluster.drain_started", node=job.node, moves=len(plan.moves),
                   unplaceable=len(plan.unplaceable), parallel=job.parallel)  # fmt: skip
-        incoming = min(job.parallel, self.settings.max_incoming_per_host)
-        limits = DrainLimits(max_parallel=job.parallel, max_incoming_per_host=incoming)
+        parallel, incoming = await self._bounds(source.api, job.parallel)
+        job.parallel_effective = parallel
+        limits = DrainLimits(max_parallel=parallel, max_incoming_per_host=incoming)
         run = DrainRun(plan, limits)
         running: dict[asyncio.Task[tuple[bool, str]], Move] = {}
         try:
@@ -209,6 +212,19 @@ class Drains:
             job.error = f"{len(bad)} of {len(job.moves)} VMs are still on {job.node}"
         log_event(log, "cluster.drain_finished", node=job.node, state=job.state,
                   done=len(run.done), failed=len(bad))  # fmt: skip
+
+    async def _bounds(self, api: str, parallel: int) -> tuple[int, int]:
+        """Moves at once and into one destination: the asked parallelism, cut at the source agent's
+        limit of outgoing migrations (more would be refused) and the usual incoming limit."""
+        try:
+            node = await self.caller.call(api, "GET", "/v1/node")
+            outgoing = int(node["limits"]["max_outgoing"])
+            incoming = int(node["limits"]["max_incoming"])
+        except (NovacronError, OSError, KeyError, TypeError, ValueError) as exc:
+            log_event(log, "cluster.drain_limits_unknown", logging.WARNING, error=str(exc))
+            outgoing = incoming = self.settings.max_incoming_per_host
+        parallel = max(1, min(parallel, outgoing))
+        return parallel, max(1, min(parallel, incoming, self.settings.max_incoming_per_host))
 
     async def _move(self, api: str, move: Move, report: MoveReport, job: DrainJob) -> tuple[bool, str]:
         """One live migration through the source agent: True when it committed."""

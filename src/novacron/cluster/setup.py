@@ -158,9 +158,10 @@ async def init_cluster(
     setup.state_dir.mkdir(parents=True, exist_ok=True)
     ca = create_ca(cluster)
     write_ca(ca, setup.pki)
-    ips = [setup.advertise] if _is_ip(setup.advertise) else []
-    dns = [] if ips else [setup.advertise]
-    write_credentials(issue_node_cert(ca, setup.node, "agent", ip_addresses=ips, dns_names=dns), setup.pki)
+    # No DNS or IP names: QEMU's TLS (GnuTLS) matches the peer's node id against the CN only when the
+    # certificate has no such names (the direct migration path relies on it); our own clients check
+    # the SPIFFE URI, never a host name.
+    write_credentials(issue_node_cert(ca, setup.node, "agent"), setup.pki)
     _write_key_file(setup.pki / CLUSTER_KEY_FILE, (os.urandom(32).hex() + "\n").encode())
     store = open_store(setup, etcd)
     try:
@@ -183,16 +184,6 @@ async def init_cluster(
         api_url=setup.url(setup.api_port),
         store=settings.model_dump(),
     )
-
-
-def _is_ip(text: str) -> bool:
-    import ipaddress  # noqa: PLC0415
-
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
 
 
 async def fetch_pinned_ca(server: str, ca_sha256: str) -> x509.Certificate:
