@@ -15,9 +15,10 @@ a file; holes (memory the guest never touched) read as zeros without being alloc
 guest keeps running. ``pmemsave`` would stop QEMU's main loop for the whole dump and write a file of
 the guest's size; ``/proc/<pid>/mem`` needs the RAM's host address, which QEMU does not report.
 
-**When.** Off the migration's critical path: a background task scans each running sibling chunk by
-chunk in a worker thread, pacing itself to ``cpu_fraction`` of one core, and pauses while any
-migration runs on this host (``busy``). The first scan of a VM stores its non-zero pages; later
+**When.** Off the migration's critical path: a background task looks at the running VMs every
+``discover_s``, scans each (once it has run ``min_uptime_s``) chunk by chunk in a worker thread,
+pacing itself to ``cpu_fraction`` of one core, and pauses while any migration runs on this host
+(``busy``). The first scan of a VM stores its non-zero pages; later
 scans (every ``refresh_s``) store only pages that changed since the scan before and then stayed the
 same for a whole interval, so the store grows with the VMs' stable content, not their working sets
 (a page rewritten every second would add a record per scan, and no incoming VM would share it).
@@ -69,6 +70,8 @@ class SiblingLimits:
     read_bytes: int = 8 * MiB  # one read of a sibling's memory (the only buffer)
     cpu_fraction: float = 0.25  # of one core, averaged over a scan (the rest waits between chunks)
     refresh_s: float = 300.0  # between scans of the same VM
+    discover_s: float = 10.0  # how often the list of running VMs is looked at (new VMs, stopped ones)
+    min_uptime_s: float = 20.0  # a VM is first scanned once it has run this long (boot settled)
     idle_poll_s: float = 1.0  # how often a paused scan checks whether the migration is over
     max_new_pages_per_scan: int = 1 << 18  # records added by one scan of one VM (1 GiB)
     max_vm_bytes: int = 64 << 30  # larger siblings are not indexed (tracker memory: 16 B per page)
@@ -79,8 +82,8 @@ class SiblingLimits:
             raise SiblingConfigError("read_bytes must be a positive multiple of 4096", value=self.read_bytes)
         if not 0 < self.cpu_fraction <= 1:
             raise SiblingConfigError("cpu_fraction must be in (0, 1]", value=self.cpu_fraction)
-        if self.refresh_s <= 0 or self.idle_poll_s <= 0:
-            raise SiblingConfigError("refresh_s and idle_poll_s must be positive")
+        if min(self.refresh_s, self.idle_poll_s, self.discover_s) <= 0 or self.min_uptime_s < 0:
+            raise SiblingConfigError("refresh_s, discover_s and idle_poll_s must be positive")
         if self.max_new_pages_per_scan < 1 or self.max_vm_bytes < PAGE_SIZE or self.max_siblings < 1:
             raise SiblingConfigError("sibling limits must be positive")
 
@@ -92,6 +95,7 @@ class SiblingVM:
     name: str
     pid: int
     profile: str | None = None
+    started_at: float | None = None  # wall clock (time.time()) of the QEMU start, if known
 
 
 # ------------------------------------------------------------------------------------- pure decision
@@ -231,13 +235,7 @@ class SiblingIndexer:
     async def run(self) -> None:
         while True:
             await self.run_once()
-            await asyncio.sleep(self._until_next())  # a schedule (refresh_s), not a synchronisation
-
-    def _until_next(self) -> float:
-        if not self._entries:
-            return self.limits.refresh_s
-        soonest = min(e.next_scan_at for e in self._entries.values())
-        return max(self.limits.idle_poll_s, soonest - time.monotonic())
+            await asyncio.sleep(self.limits.discover_s)  # a schedule, not a synchronisation
 
     async def run_once(self) -> None:
         """Scan every candidate that is due; forget VMs that stopped."""
@@ -249,6 +247,8 @@ class SiblingIndexer:
             entry = self._entries.get(vm.name)
             if entry is not None and entry.next_scan_at > time.monotonic() and entry.pid == vm.pid:
                 continue
+            if vm.started_at is not None and time.time() - vm.started_at < self.limits.min_uptime_s:
+                continue  # still booting: its memory is about to change anyway
             try:
                 await self.scan(vm)
             except (SiblingReadError, BaselineStoreError, OSError) as exc:
@@ -344,7 +344,7 @@ def host_siblings(
                 continue
             if record is None or record.node != node or record.image_profile is None:
                 continue
-            out.append(SiblingVM(name, status.pid, record.image_profile))
+            out.append(SiblingVM(name, status.pid, record.image_profile, status.started_at))
         return out
 
     return candidates
