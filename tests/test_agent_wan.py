@@ -55,7 +55,7 @@ async def test_migrations_in_every_mode_over_an_emulated_link() -> None:
             assert await where_it_runs(cluster, "g1") == [dst.node]
             assert len(qemu_processes(cluster, "g1")) == 1
             corrupted, checksum_now, beats_now = await guest(dst, "g1")
-            assert corrupted == 0 and checksum_now == checksum and beats_now >= beats
+            assert (corrupted, checksum_now) == (0, checksum) and beats_now >= beats, (path, m.get("events"))
             beats = beats_now
         stats = await cluster.wan.stats()
         assert stats.link("hosta", "hostb").fwd_bytes > 0

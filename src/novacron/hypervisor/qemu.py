@@ -49,6 +49,13 @@ from novacron.paths import state_dir
 log = logging.getLogger("novacron.hypervisor.qemu")
 
 DEFAULT_QEMU_BINARY = "qemu-system-x86_64"
+# Under TCG, QEMU 7.2 clears a page's migration dirty bit without dropping the software-TLB entries
+# that let writes to it skip dirty tracking (include/exec/ram_addr.h, the aligned fast path of
+# cpu_physical_memory_sync_dirty_bitmap); such a write is lost unless the entry is flushed first.
+# Guest address-space switches flush non-global entries, but the kernel's own mappings are global
+# and survive them, so a guest kernel could lose writes to its own data across a migration (oopses,
+# corrupted page cache). Without PGE no entry is global: every switch flushes everything.
+TCG_CPU_MODEL = "qemu64,-pge"
 # QEMU runstates (query-status) mapped to our states; anything else is reported as paused with the
 # raw runstate, since the vCPUs are not running.
 _RUNSTATE_MAP = {"running": VMState.RUNNING, "inmigrate": VMState.INCOMING}
@@ -202,6 +209,8 @@ class QemuDriver:
             argv += ["-uuid", spec.uuid]
         if spec.cpu_model:
             argv += ["-cpu", spec.cpu_model]
+        elif accel == "tcg":
+            argv += ["-cpu", TCG_CPU_MODEL]
         if spec.kernel:
             argv += ["-kernel", str(spec.kernel)]
             if spec.initrd:
