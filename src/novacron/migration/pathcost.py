@@ -51,12 +51,12 @@ class Codec:
 class PathCosts:
     """The host's calibration. Defaults: medians measured on this project's 2-core VM (docs/tunnel.md)."""
 
-    hde_dense: Codec = Codec(ratio=4.14, bytes_per_cpu_s=70 * MB)
-    hde_fast: Codec = Codec(ratio=2.99, bytes_per_cpu_s=204 * MB)
+    hde_dense: Codec = Codec(ratio=4.27, bytes_per_cpu_s=68 * MB)  # bench/tunnel.py cold, hde@100M
+    hde_fast: Codec = Codec(ratio=2.94, bytes_per_cpu_s=235 * MB)  # ... hde@1G
     # The tunnel's own stack per wire byte: asyncio, AMST framing and acks, TLS, socket calls.
     tunnel_wire_bytes_per_cpu_s: float = 70 * MB
     tunnel_max_cores: float = 1.5
-    qemu_zstd: Codec = Codec(ratio=2.91, bytes_per_cpu_s=292 * MB)  # QEMU multifd zstd-1, per thread
+    qemu_zstd: Codec = Codec(ratio=2.91, bytes_per_cpu_s=263 * MB)  # QEMU multifd zstd-1, per thread
     qemu_tls_bytes_per_cpu_s: float = 1000 * MB  # QEMU's gnutls + socket writes, per wire byte
     multifd_channels: int = 4
     tcp_window_bytes: int = 6 << 20  # kernel autotuning ceiling (tcp_rmem max) per connection
