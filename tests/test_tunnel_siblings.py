@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from novacron.dwcp.encoding import BaselineStore, DefaultPageHasher
+from novacron.dwcp.encoding import BaselineLimits, BaselineStore, DefaultPageHasher
 from novacron.dwcp.encoding.limits import PAGE_SIZE
 from novacron.migration.tunnel.siblings import (
     SiblingConfigError,
@@ -153,3 +153,15 @@ async def test_a_process_without_shared_ram_is_refused(tmp_path: Path) -> None:
                 await ix.scan(SiblingVM("x", os.getpid()))
         await ix.run_once()
         assert ix.rounds == 1 and ix.stats() == {}
+
+
+def test_the_summary_lists_at_most_the_newest_content(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    pages = rng.integers(0, 256, size=(100, PAGE_SIZE), dtype=np.uint8)
+    hasher = DefaultPageHasher(KEY)
+    with BaselineStore(tmp_path / "b", hasher, BaselineLimits(max_summary_fps=30)) as store:
+        store.add_content(pages[:70])
+        store.add_content(pages[70:])
+        fps = store.summary(None).content_fps
+        assert fps.shape[0] == 30
+        assert set(fps.tolist()) == set(hasher.fingerprints(pages[70:]).tolist())

@@ -51,11 +51,18 @@ class BaselineLimits:
     min_memory_budget_bytes: int = 8 * MiB  # floor under memory pressure
     pressure_fraction: float = 0.25  # at most this share of MemAvailable for the hot cache
     max_records: int = 1 << 24  # 64 GiB of distinct pages on disk
+    # Content fingerprints listed in a summary (8 bytes each: 8 MiB; READY must fit a control message).
+    # Beyond it the newest records are listed (the latest siblings' and migrations' content).
+    max_summary_fps: int = 1 << 20
 
     def __post_init__(self) -> None:
         if not 0 < self.min_memory_budget_bytes <= self.memory_budget_bytes:
             raise HdeConfigError("need 0 < min_memory_budget_bytes <= memory_budget_bytes")
-        if not 0 < self.pressure_fraction <= 1 or not 0 < self.max_records < 1 << 31:
+        if (
+            not 0 < self.pressure_fraction <= 1
+            or not 0 < self.max_records < 1 << 31
+            or self.max_summary_fps < 0
+        ):
             raise HdeConfigError("bad baseline limits", max_records=self.max_records)
 
 
@@ -329,7 +336,10 @@ class BaselineStore:
             all_tags = self._tags()
             for name, (idx, rec) in self._copies[vm].items():
                 copy[name] = CopyTags(idx.copy(), np.array(all_tags[rec]))
-        return BaselineSummary(copy=copy, content_fps=np.unique(self._index[0]))
+        sorted_fps, sorted_rec = self._index
+        if sorted_fps.shape[0] > self.limits.max_summary_fps:
+            sorted_fps = sorted_fps[sorted_rec >= self.records - self.limits.max_summary_fps]
+        return BaselineSummary(copy=copy, content_fps=np.unique(sorted_fps))
 
     def session(self, vm: str | None) -> BaselineSession:
         return BaselineSession(self, dict(self._copies.get(vm, {})) if vm is not None else {})
