@@ -1,6 +1,7 @@
 # All set-up for a fresh Debian 12 machine (run as root). Every target is idempotent.
 #   make demo   - set up everything, then run the migration demo
 #   make test   - set up everything, then lint, type-check and run the test suite
+#   make test-long - the long tests `make test` leaves out (the 3-host cluster test, ~10 min)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ STAMPS := .stamps
 DEBS := qemu-system-x86 qemu-utils busybox-static cpio zstd gcc libc6-dev make iproute2 \
         etcd-server etcd-client python3-venv ca-certificates openssl
 
-.PHONY: setup deps venv image test lint typecheck unit demo bench clean
+.PHONY: setup deps venv image test test-long lint typecheck unit demo bench clean
 
 setup: deps venv image
 
@@ -50,7 +51,11 @@ unit: venv
 	$(BIN)/pytest -m "not qemu and not netns and not etcd" -q
 
 test: setup lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not long"
+
+# Tests that take many minutes of the machine (20 guests in a 3-host cluster, drained by live migration).
+test-long: setup
+	$(BIN)/pytest -q -m long
 
 demo: setup
 	$(BIN)/novacron demo

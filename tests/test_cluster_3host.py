@@ -39,7 +39,7 @@ from novacron.testing.agents import (
 )
 from novacron.testing.emulator import Backend, WanEmulator
 
-pytestmark = [pytest.mark.netns, pytest.mark.qemu, pytest.mark.slow]
+pytestmark = [pytest.mark.netns, pytest.mark.qemu, pytest.mark.slow, pytest.mark.long]
 
 NODES = ("hosta", "hostb", "hostc")
 VM_COUNT = 20
