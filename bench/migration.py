@@ -15,7 +15,8 @@ emulator with three nodes, an agent on each (``novacron.testing.agents``), then:
   case. One guest hops hosta <-> hostb through the configurations.
 * DWCP through the agents (``POST /v1/migrations``, mode ``auto``: the agent picks), a second guest:
   ``dwcp:cold`` hosta -> hostb (hostb holds nothing of it), ``dwcp:back`` hostb -> hosta after
-  ``--back-wait`` s (60) of workload, ``dwcp:warm`` hosta -> hostc, where a sibling booted from the
+  ``--back-wait`` s (60) of workload, ``dwcp:warm`` hosta -> hostc (once hostc's agent reports the
+  sibling's memory indexed as baseline content), where a sibling booted from the
   same image runs (idle workload).
 
 Columns: total time (request, or starting the destination QEMU, to QMP RESUME on the destination),
@@ -44,7 +45,7 @@ from dataclasses import dataclass
 from novacron.errors import NovacronError
 from novacron.hypervisor.driver import StopMode
 from novacron.testing import LinkSpec
-from novacron.testing.agents import Cluster, agent_cluster, boot_vm
+from novacron.testing.agents import AgentProc, Cluster, agent_cluster, boot_vm
 from novacron.testing.migration_runs import (
     GOALS,
     Row,
@@ -193,11 +194,25 @@ async def run_dwcp(cluster: Cluster, methods: list[str], args: argparse.Namespac
     if "dwcp:warm" in methods:
         say("DWCP: booting a sibling from the same image on hostc")
         await boot_vm(cluster["hostc"], SIBLING_VM, profile=args.profile, dirty_rate=0)
+        waited = await sibling_indexed(cluster["hostc"], SIBLING_VM, args.sibling_wait)
+        say(f"DWCP: hostc indexed the sibling's memory as baseline after {waited:.0f} s")
         if at == "hostc":
             rows.append(Row.failed("dwcp:warm", "not run: the guest is already on hostc"))
         else:
             await hop("dwcp:warm", "hostc")
     return rows
+
+
+async def sibling_indexed(agent: AgentProc, vm: str, timeout_s: float) -> float:
+    """Seconds until ``agent`` reports ``vm`` scanned into its baseline (GET /v1/node); "warm" means
+    the destination already holds the sibling's content, as a host running it for a while would."""
+    started = time.monotonic()
+    async with asyncio.timeout(timeout_s):
+        while True:
+            node = await agent.api("GET", "/v1/node")
+            if node.get("baseline_siblings", {}).get(vm, {}).get("scans", 0) >= 1:
+                return time.monotonic() - started
+            await asyncio.sleep(1.0)  # polling the agent's API for the indexer's progress
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -234,6 +249,9 @@ def main() -> None:
     )
     parser.add_argument("--rate", type=int, default=2250, help="pages/s the guest's workload dirties")
     parser.add_argument("--back-wait", type=float, default=BACK_WAIT_S, help="workload seconds before 'back'")
+    parser.add_argument(
+        "--sibling-wait", type=float, default=300, help="at most this long for hostc to index its sibling"
+    )
     parser.add_argument("--lock", default=DEFAULT_LOCK, help="lock file taken around each run ('' for none)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--save", help="also write the JSON output to this file")

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ from novacron.migration.paths import HostDataPaths
 from novacron.migration.phases import PhaseTimeouts
 from novacron.migration.qemu import MigrationDriver
 from novacron.migration.service import MigrationService
+from novacron.migration.tunnel.siblings import SiblingStats
 from novacron.observability.log import log_event
 from novacron.security.pki import load_ca, load_identity
 from novacron.security.tls import TlsConfig
@@ -141,6 +143,7 @@ class Agent:
         self.store: KeyValueStore | None = None
         self.tls: TlsConfig | None = None
         self.peers: ClusterPeers | None = None
+        self.sibling_stats: Callable[[], Mapping[str, SiblingStats]] | None = None
         self.services: ApiServices | None = None
         self.control: ControlPlane | None = None
         self.membership: Membership | None = None
@@ -210,6 +213,7 @@ class Agent:
                 busy=lambda: bool(service.active_vms()),
             )
             self._spawn(indexer.run(), "sibling-index")
+            self.sibling_stats = indexer.stats
 
         dwcp_host, dwcp_port = parse_address(cfg.listen.dwcp)
         self.listener = AmstListener(tls, options=session_options(cfg.migration.mode_warmup_s))
@@ -233,6 +237,7 @@ class Agent:
             started_at=time.time(),
         )
         app.state.agent_info = self.info
+        app.state.sibling_stats = self.sibling_stats
         listen = Listen(unix=cfg.api_socket)
         if cfg.listen.api_tcp is not None:
             tcp_host, tcp_port = parse_address(cfg.listen.api_tcp)

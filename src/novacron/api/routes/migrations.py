@@ -7,6 +7,7 @@ identity on ``app.state.agent_info``); an API server without an agent answers 50
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Request, status
@@ -93,6 +94,13 @@ async def cancel_migration(
     return await _service(request).cancel(migration_id, reason)
 
 
+def _sibling_stats(request: Request) -> dict[str, dict[str, Any]]:
+    stats = getattr(request.app.state, "sibling_stats", None)
+    if stats is None:
+        return {}
+    return {vm: dataclasses.asdict(s) for vm, s in stats().items()}
+
+
 @node_router.get("", name="node.show")
 async def show_node(request: Request, _: Viewer) -> dict[str, Any]:
     info = getattr(request.app.state, "agent_info", None)
@@ -110,6 +118,8 @@ async def show_node(request: Request, _: Viewer) -> dict[str, Any]:
         "data_paths": info.data_paths,
         "started_at": info.started_at,
         "migrations_live": len(live),
+        # Local VMs indexed as HDE baseline content (docs/tunnel.md): what a warm migration can use.
+        "baseline_siblings": _sibling_stats(request),
         "limits": {
             "max_incoming": service.host.config.max_incoming,
             "max_outgoing": service.host.config.max_outgoing,
