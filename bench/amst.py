@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 import resource
@@ -41,17 +40,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from novacron.testing.benchlock import DEFAULT_LOCK, heavy_lock
 
 MiB = 1 << 20
 PIECE = MiB
 PORT = 7500
 CHECKPOINT_S = 0.1
 READY = "READY"
-DEFAULT_LOCK = "/tmp/novacron-heavy.lock"
 
 
 @dataclass(frozen=True)
@@ -302,19 +301,6 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # =========================================================================================== driver
-
-
-@contextlib.contextmanager
-def heavy_lock(path: str | None) -> Iterator[None]:
-    if not path:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def make_pki(directory: Path) -> None:

@@ -35,17 +35,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import json
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from novacron.errors import NovacronError
 from novacron.hypervisor.driver import StopMode
 from novacron.testing import LinkSpec
 from novacron.testing.agents import AgentProc, Cluster, agent_cluster, boot_vm
+from novacron.testing.benchlock import DEFAULT_LOCK, heavy_lock
 from novacron.testing.migration_runs import (
     GOALS,
     Row,
@@ -64,7 +63,6 @@ from novacron.testing.qemu_migration import (
     qemu_migrate,
 )
 
-DEFAULT_LOCK = "/tmp/novacron-heavy.lock"
 NODES = ("hosta", "hostb", "hostc")
 QEMU_VM = "qg"
 DWCP_VM = "g1"
@@ -92,19 +90,6 @@ METHODS = QEMU_METHODS + DWCP_METHODS
 
 def say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def heavy_lock(path: str) -> Iterator[None]:
-    if not path:
-        yield
-        return
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def describe(row: Row) -> str:

@@ -13,11 +13,11 @@ import datetime as dt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 from novacron.cluster.errors import JoinRefused
 from novacron.security.identity import NodeIdentity, validate_id, validate_role
-from novacron.security.pki import BACKDATE, DEFAULT_NODE_DAYS, CertificateAuthority
+from novacron.security.pki import BACKDATE, DEFAULT_NODE_DAYS, CertificateAuthority, sign_node_certificate
 
 MAX_CSR_BYTES = 16 << 10
 
@@ -38,14 +38,6 @@ def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-
-
-def _usage(*, cert_sign: bool) -> x509.KeyUsage:
-    return x509.KeyUsage(
-        digital_signature=not cert_sign, content_commitment=False, key_encipherment=False,
-        data_encipherment=False, key_agreement=False, key_cert_sign=cert_sign, crl_sign=cert_sign,
-        encipher_only=False, decipher_only=False,
-    )  # fmt: skip
 
 
 def sign_csr(
@@ -76,35 +68,13 @@ def sign_csr(
                             role=validate_role(role))  # fmt: skip
     now = now or dt.datetime.now(dt.UTC)
     end = min(now + dt.timedelta(days=days), ca.certificate.not_valid_after_utc)
-    ca_ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.COMMON_NAME, identity.node_id),
-                    x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.role),
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.cluster_id),
-                ]
-            )
-        )
-        .issuer_name(ca.certificate.subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_usage(cert_sign=False), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]), critical=False
-        )
-        .sign(ca.private_key, hashes.SHA256())
+    return sign_node_certificate(
+        ca,
+        identity,
+        public,
+        start=now - BACKDATE,
+        end=end,
+        sans=[x509.UniformResourceIdentifier(identity.uri)],
     )
 
 

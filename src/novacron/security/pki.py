@@ -341,8 +341,23 @@ def issue_node_cert(
         except ValueError as exc:
             raise PkiUserError("invalid IP address", value=ip) from exc
     key = _new_key()
+    cert = sign_node_certificate(ca, identity, key.public_key(), start=start, end=end, sans=sans)
+    return NodeCredentials(certificate=cert, private_key=key, bundle=TrustBundle((ca.certificate,)))
+
+
+def sign_node_certificate(
+    ca: CertificateAuthority,
+    identity: NodeIdentity,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    start: dt.datetime,
+    end: dt.datetime,
+    sans: list[x509.GeneralName],
+) -> x509.Certificate:
+    """The one shape of a node certificate (subject from the identity, leaf, server and client
+    auth, ``sans`` which must include the identity URI), signed by ``ca``; callers validate inputs."""
     ca_ski = ca.certificate.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(
             x509.Name(
@@ -354,7 +369,7 @@ def issue_node_cert(
             )
         )
         .issuer_name(ca.certificate.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
@@ -377,12 +392,11 @@ def issue_node_cert(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .sign(ca.private_key, hashes.SHA256())
     )
-    return NodeCredentials(certificate=cert, private_key=key, bundle=TrustBundle((ca.certificate,)))
 
 
 def describe(cert: x509.Certificate) -> dict[str, object]:
