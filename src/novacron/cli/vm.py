@@ -1,16 +1,22 @@
-"""``novacron vm``: create and run VMs on this host, and talk to the test guest inside them."""
+"""``novacron vm``: create and run VMs and talk to the test guest inside them: on this host, or through
+the REST API when ``NOVACRON_SERVER`` or a non-local context (``novacron config``) names a server."""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
+import os
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.table import Table
 
+from novacron.api.client import ApiClient
+from novacron.api.clientconfig import LOCAL_CONTEXT, connect, current_context, load_config
 from novacron.cli.output import console, emit_json, run_command
 from novacron.errors import UserError
 from novacron.vm import VMInfo, VMService, local_service
@@ -27,8 +33,22 @@ NameArg = Annotated[str, typer.Argument(help="VM name.")]
 _STATE_STYLE = {"running": "green", "paused": "yellow", "crashed": "bold red", "incoming": "cyan"}
 
 
-def _run(body: Callable[[VMService], Awaitable[T]], as_json: bool) -> T:
+def _remote() -> bool:
+    """Talk to an API server (``NOVACRON_SERVER``, or a current context other than ``local``, as
+    ``novacron config`` sets them) instead of driving this host's QEMU and store directly."""
+    if os.environ.get("NOVACRON_SERVER"):
+        return True
+    name, _ = current_context(load_config())
+    return name != LOCAL_CONTEXT
+
+
+def _run(body: Callable[[Any], Awaitable[T]], as_json: bool) -> T:
+    """Run ``body`` against the VM service: the API client (same method names) or the local one."""
+
     async def main() -> T:
+        if _remote():
+            async with connect() as client:
+                return await body(client)
         async with local_service() as svc:
             return await body(svc)
 
@@ -78,7 +98,9 @@ def create(  # noqa: PLR0917 - typer maps each parameter to a command-line optio
 ) -> None:
     """Define a VM (by default booting the test guest image)."""
 
-    async def body(svc: VMService) -> VMInfo:
+    async def body(svc: Any) -> Any:
+        if isinstance(svc, ApiClient):
+            return await svc.create(_create_request())
         spec: dict[str, Any]
         image_profile: str | None
         if kernel is not None:
@@ -121,6 +143,21 @@ def create(  # noqa: PLR0917 - typer maps each parameter to a command-line optio
         if start:
             info = await svc.start(name, wait_ready=wait)
         return info
+
+    def _create_request() -> dict[str, Any]:
+        """The same VM as an API request; the server resolves images and validates it."""
+        request: dict[str, Any] = {"name": name, "machine": machine, "accel": accel, "start": start,
+                                   "wait": wait}  # fmt: skip
+        fields = {"kernel": kernel, "initrd": initrd, "cmdline": cmdline, "vcpus": vcpus,
+                  "memory_mib": memory_mib}  # fmt: skip
+        request.update({k: str(v) if isinstance(v, Path) else v for k, v in fields.items() if v is not None})
+        if kernel is None:
+            request["profile"] = profile
+            workload = {"data_mib": data_mib, "ws_mib": ws_mib, "dirty_rate": dirty_rate,
+                        "dirty_bytes": dirty_bytes}  # fmt: skip
+            if any(v is not None for v in workload.values()):
+                request["workload"] = {k: v for k, v in workload.items() if v is not None}
+        return request
 
     _print_info(_run(body, as_json), as_json)
 
@@ -220,8 +257,9 @@ def console_cmd(
 
 
 def _guest(name: str, as_json: bool, action: Callable[[Any], Awaitable[dict[str, Any]]]) -> None:
-    async def body(svc: VMService) -> dict[str, Any]:
-        async with await svc.guest(name) as ctl:
+    async def body(svc: Any) -> dict[str, Any]:
+        guest = svc.guest(name)  # the local service opens the channel (awaitable); the client does not
+        async with await guest if inspect.isawaitable(guest) else guest as ctl:
             return await action(ctl)
 
     result = _run(body, as_json)
@@ -233,6 +271,8 @@ def _guest(name: str, as_json: bool, action: Callable[[Any], Awaitable[dict[str,
 
 
 def _asdict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, BaseModel):  # answers through the API
+        return obj.model_dump()
     return asdict(obj)
 
 
