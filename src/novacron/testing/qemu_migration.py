@@ -17,14 +17,10 @@ bytes on the link from the emulator's counters, both directions. Then the guest 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from qemu.qmp import EventListener, QMPClient
 
 from novacron.errors import NovacronError
 from novacron.guest.boot import guest_spec, wait_guest_ready
@@ -34,6 +30,7 @@ from novacron.hypervisor.qemu import QemuDriver
 from novacron.hypervisor.rundir import RunDir
 from novacron.hypervisor.spec import VMSpec
 from novacron.image import find_image
+from novacron.migration.qemu import migration_monitor
 from novacron.testing.emulator import WanEmulator
 from novacron.testing.link import WanStats
 from novacron.testing.netns import NETNS_RUN_DIR
@@ -168,46 +165,6 @@ class QemuResult:
         return not self.problems
 
 
-class _Events:
-    """STOP / RESUME / MIGRATION events of one QEMU, listened to before anything happens."""
-
-    def __init__(self, qmp: QMPClient, changed: asyncio.Event) -> None:
-        self.listener = EventListener(("MIGRATION", "STOP", "RESUME"))
-        self.qmp = qmp
-        self.status = ""
-        self.stop_ts: float | None = None
-        self.resume_ts: float | None = None
-        self.changed = changed  # shared by both sides' watchers: "something happened"
-
-    async def run(self) -> None:
-        with self.qmp.listen(self.listener):
-            while True:
-                ev = await self.listener.get()
-                stamp: dict[str, int] = ev["timestamp"]  # type: ignore[assignment]
-                ts = stamp["seconds"] + stamp["microseconds"] / 1e6
-                if ev["event"] == "MIGRATION":
-                    data: dict[str, str] = ev.get("data", {})  # type: ignore[assignment]
-                    self.status = data["status"]
-                elif ev["event"] == "STOP" and self.stop_ts is None:
-                    self.stop_ts = ts
-                elif ev["event"] == "RESUME" and self.resume_ts is None:
-                    self.resume_ts = ts
-                self.changed.set()
-
-
-@contextlib.asynccontextmanager
-async def _watch(driver: QemuDriver, name: str, changed: asyncio.Event) -> AsyncIterator[_Events]:
-    async with driver.qmp_events(name) as qmp:
-        ev = _Events(qmp, changed)
-        task = asyncio.create_task(ev.run())
-        try:
-            yield ev
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
 async def _configure(driver: QemuDriver, name: str, config: QemuConfig) -> None:
     caps = {"events": True, "multifd": False, "xbzrle": False, **config.capabilities}
     await driver.execute(
@@ -241,28 +198,27 @@ async def qemu_migrate(
     await dst.define(spec)
     dst.extra_args = zstd_args(next_zstd_level)
     await dst.start(name, incoming=True)
-    changed = asyncio.Event()
-    async with _watch(src, name, changed) as sev, _watch(dst, name, changed) as dev:
+    async with migration_monitor(src, name) as smon, migration_monitor(dst, name) as dmon:
         for driver in (src, dst):
             await _configure(driver, name, config)
         uri = f"tcp:{wan.address(dst_node)}:{QEMU_PORT}"
         await dst.execute(name, "migrate-incoming", {"uri": uri})
         await src.execute(name, "migrate", {"uri": uri})
-        try:
-            async with asyncio.timeout(timeout_s):
-                while dev.resume_ts is None:
-                    if sev.status in ("failed", "cancelled"):
-                        raise QemuMigrationError(
-                            "QEMU's migration failed", vm=name, config=config.name, status=sev.status
-                        )
-                    changed.clear()
-                    await changed.wait()
-        except TimeoutError:
+        resumed = asyncio.create_task(dmon.wait_for(lambda st: st.resume_ts is not None, timeout_s))
+        failed = asyncio.create_task(smon.wait_status({"failed", "cancelled"}, timeout_s))
+        await asyncio.wait({resumed, failed}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (resumed, failed):
+            task.cancel()
+        await asyncio.gather(resumed, failed, return_exceptions=True)
+        status = failed.result() if failed.done() and not failed.cancelled() else None
+        if status is not None:
+            raise QemuMigrationError("QEMU's migration failed", vm=name, config=config.name, status=status)
+        resume_ts = dmon.state.resume_ts
+        if resume_ts is None:
             raise QemuMigrationError(
                 "QEMU's migration did not complete in time", vm=name, config=config.name, timeout_s=timeout_s
-            ) from None
-        resume_ts = dev.resume_ts
-        stop_ts = sev.stop_ts if sev.stop_ts is not None else resume_ts
+            )
+        stop_ts = smon.state.stop_ts if smon.state.stop_ts is not None else resume_ts
     stats1 = await wan.stats()
     info = await src.execute(name, "query-migrate")
     await src.stop(name, mode=StopMode.FORCE)
