@@ -72,11 +72,44 @@ def zstd_stream(level: int) -> Codec:
 
 ZSTD_LEVELS = range(-7, 20)
 
+# Streamed level 1 is the fast path (links of 1 Gbit/s and more), so it trades LDM for speed: LDM's
+# rolling hash over every input byte cost ~30 % of level 1's speed on guest memory, while a 64 Ki-entry
+# hash table (256 KiB: fits a core's L2 on this project's VMs, where 2**17 entries did not) and
+# 5-byte matches over the same 128 MiB window find most of what LDM found. Measured on the default
+# guest's first pass, one core (docs/hde.md, "Window size"): 3.47 at 289 MB/s against 3.46 at 210 with
+# LDM and 2.86 at 293 with zstd's own level-1 settings. Higher levels keep LDM (slow links: ratio first).
+# (HDE's encoder passes this as ``CodecBank(tuning=...)``; other users keep zstd's own settings.)
+STREAM_TUNING: dict[int, dict[str, int]] = {1: {"hash_log": 16, "min_match": 5, "enable_ldm": 0}}
+# Output chunk of a stream decompressor: one chunk holds a typical batch body, so no join afterwards.
+_STREAM_WRITE_SIZE = 1 << 20
+
+
+class ZstdContexts:
+    """zstd compressors and decompressors kept from one session to the next (held by a cache arena).
+
+    A stream's 128 MiB window is fresh memory in a new context, and first writes to fresh memory run
+    at ~400 MB/s on this project's VMs: a new context per migration cost level 1 a sixth of its speed
+    on a first pass. A context reused by ``compressobj()`` / ``decompressobj()`` keeps its window.
+    One user at a time (the arena's ``in_use`` guards that).
+    """
+
+    def __init__(self) -> None:
+        self.compressors: dict[tuple[int, int, bool], zstandard.ZstdCompressor] = {}
+        self.decompressors: dict[tuple[int, int], zstandard.ZstdDecompressor] = {}
+
 
 class CodecBank:
     """Compression and decompression contexts of one encoder or decoder; not thread-safe."""
 
-    def __init__(self, max_zstd_window: int, window_log: int = 23, ldm: bool = True) -> None:
+    def __init__(
+        self,
+        max_zstd_window: int,
+        window_log: int = 23,
+        ldm: bool = True,
+        *,
+        tuning: dict[int, dict[str, int]] | None = None,
+        contexts: ZstdContexts | None = None,
+    ) -> None:
         self._compressors: dict[int, zstandard.ZstdCompressor] = {}
         self._streams: dict[int, zstandard.ZstdCompressionObj] = {}
         self._dstreams: dict[int, zstandard.ZstdDecompressionObj] = {}
@@ -84,8 +117,31 @@ class CodecBank:
         self._max_window = max_zstd_window
         self._window_log = window_log
         self._ldm = ldm
+        self._tuning = tuning or {}
+        self._contexts = contexts or ZstdContexts()
         self._dctx = zstandard.ZstdDecompressor(max_window_size=max_zstd_window)
         self.touched_stream = False
+
+    def _stream_compressor(self, level: int) -> zstandard.ZstdCompressionObj:
+        key = (level, self._window_log, self._ldm)
+        cctx = self._contexts.compressors.get(key)
+        if cctx is None:
+            tuning = {"enable_ldm": int(self._ldm), **self._tuning.get(level, {})}
+            params = zstandard.ZstdCompressionParameters.from_level(
+                level, window_log=self._window_log, **tuning
+            )
+            cctx = zstandard.ZstdCompressor(compression_params=params)
+            self._contexts.compressors[key] = cctx
+        return cctx.compressobj()
+
+    def _stream_decompressor(self, level: int) -> zstandard.ZstdDecompressionObj:
+        # One decompressor per stream: decompressobjs of one ZstdDecompressor share its context.
+        key = (level, self._max_window)
+        dctx = self._contexts.decompressors.get(key)
+        if dctx is None:
+            dctx = zstandard.ZstdDecompressor(max_window_size=self._max_window)
+            self._contexts.decompressors[key] = dctx
+        return dctx.decompressobj(write_size=_STREAM_WRITE_SIZE)
 
     def compress(self, codec: Codec, parts: list[bytes | memoryview]) -> bytes:
         """Compress the concatenation of ``parts`` (a stream takes them without joining)."""
@@ -98,10 +154,7 @@ class CodecBank:
         if codec.id is CodecId.ZSTD_STREAM:
             cobj = self._streams.get(codec.level)
             if cobj is None:
-                params = zstandard.ZstdCompressionParameters.from_level(
-                    codec.level, window_log=self._window_log, enable_ldm=self._ldm
-                )
-                cobj = zstandard.ZstdCompressor(compression_params=params).compressobj()
+                cobj = self._stream_compressor(codec.level)
                 self._streams[codec.level] = cobj
             out = [cobj.compress(p) for p in parts]
             out.append(cobj.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
@@ -150,9 +203,7 @@ class CodecBank:
             raise HdeDecodeError("zstd stream segment could inflate too far", bound=bound, expected=raw_len)
         dobj = self._dstreams.get(codec.level)
         if dobj is None:
-            # One decompressor per stream: decompressobjs of one ZstdDecompressor share its context.
-            dctx = zstandard.ZstdDecompressor(max_window_size=self._max_window)
-            dobj = dctx.decompressobj()
+            dobj = self._stream_decompressor(codec.level)
             self._dstreams[codec.level] = dobj
         self._stream_started.add(codec.level)
         self.touched_stream = True

@@ -80,7 +80,12 @@ class HdeDecoder:
     ) -> None:
         self.limits = limits or HdeLimits()
         self.baseline = baseline
-        self._bank = CodecBank(self.limits.max_zstd_window, self.limits.zstd_window_log, self.limits.zstd_ldm)
+        self._bank = CodecBank(
+            self.limits.max_zstd_window,
+            self.limits.zstd_window_log,
+            self.limits.zstd_ldm,
+            contexts=arena.zstd if arena is not None else None,
+        )
         self._cache = SessionPageCache(self.limits.session_pages, arena)
         self._chunks = ChunkCache(self.limits.chunk_cache_bytes, with_index=False)
         self._seq = 0

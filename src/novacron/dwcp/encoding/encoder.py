@@ -23,7 +23,7 @@ from novacron.dwcp.encoding import sparse
 from novacron.dwcp.encoding.baseline import BaselineSession
 from novacron.dwcp.encoding.batch import PageBatch, validate_page_batch
 from novacron.dwcp.encoding.chunk_cache import ChunkCache, cut
-from novacron.dwcp.encoding.codecs import LZ4, NONE, CodecBank
+from novacron.dwcp.encoding.codecs import LZ4, NONE, STREAM_TUNING, CodecBank
 from novacron.dwcp.encoding.content_index import ContentIndex
 from novacron.dwcp.encoding.cost_model import CodecChoice, CodecSelector, CostModelConfig
 from novacron.dwcp.encoding.errors import HdeInputError
@@ -77,7 +77,13 @@ class HdeEncoder:
         self.stats = EncoderStats()
         self.last_used_baseline = False
         self._clock = clock
-        self._bank = CodecBank(self.limits.max_zstd_window, self.limits.zstd_window_log, self.limits.zstd_ldm)
+        self._bank = CodecBank(
+            self.limits.max_zstd_window,
+            self.limits.zstd_window_log,
+            self.limits.zstd_ldm,
+            tuning=STREAM_TUNING,
+            contexts=arena.zstd if arena is not None else None,
+        )
         self._cache = SessionPageCache(self.limits.session_pages, arena)
         self._index = ContentIndex(self._cache)
         self._chunks = ChunkCache(self.limits.chunk_cache_bytes, with_index=True)

@@ -43,6 +43,7 @@ class HdeLimits:
     # Streamed zstd (one stream per level per session): window and long-distance matching. 128 MiB
     # rather than 8: guest memory repeats itself far apart (page cache vs. heap copies); measured on the
     # default guest's first pass, 2 % fewer bytes at every level for the same speed (docs/hde.md).
+    # LDM applies to the levels codecs.STREAM_TUNING leaves it to (level 1 runs without: speed).
     zstd_window_log: int = 27
     zstd_ldm: bool = True
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 import numpy.typing as npt
 
+from novacron.dwcp.encoding.codecs import ZstdContexts
 from novacron.dwcp.encoding.errors import HdeConfigError
 from novacron.dwcp.encoding.limits import PAGE_SIZE
 
@@ -43,6 +44,8 @@ class CacheArena:
         if prefault:
             self.slab.fill(0)  # touch every page now rather than during a migration
         self.in_use = False
+        # The session's zstd contexts too: their windows are as costly to fault in as the slab.
+        self.zstd = ZstdContexts()
 
     @property
     def capacity(self) -> int:
