@@ -103,6 +103,11 @@ def nonzero_stream(mem: Pages, only: npt.NDArray[np.bool_] | None = None) -> Str
 # ----- peers -------------------------------------------------------------------------------------------
 
 
+def _view(pages: Pages) -> memoryview:
+    """A batch's pages as a flat buffer without copying them (every codec gets the same input)."""
+    return np.ascontiguousarray(pages).reshape(-1).data
+
+
 class Codec(Protocol):
     def encode(self, index: npt.NDArray[np.int64], pages: Pages) -> bytes: ...
     def decode(self, wire: bytes, index: npt.NDArray[np.int64]) -> Pages: ...
@@ -114,8 +119,7 @@ class ZstdStream:
         self._d = zstandard.ZstdDecompressor().decompressobj()
 
     def encode(self, index: npt.NDArray[np.int64], pages: Pages) -> bytes:
-        data = pages.tobytes()
-        return bytes(self._c.compress(data) + self._c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+        return bytes(self._c.compress(_view(pages)) + self._c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
 
     def decode(self, wire: bytes, index: npt.NDArray[np.int64]) -> Pages:
         return np.frombuffer(self._d.decompress(wire), np.uint8).reshape(-1, PAGE_SIZE)
@@ -123,7 +127,7 @@ class ZstdStream:
 
 class Lz4Blocks:
     def encode(self, index: npt.NDArray[np.int64], pages: Pages) -> bytes:
-        return bytes(lz4.block.compress(pages.tobytes(), store_size=False))
+        return bytes(lz4.block.compress(_view(pages), store_size=False))
 
     def decode(self, wire: bytes, index: npt.NDArray[np.int64]) -> Pages:
         out = lz4.block.decompress(wire, uncompressed_size=index.shape[0] * PAGE_SIZE)
@@ -302,7 +306,7 @@ class Hde:
 
     def encode(self, index: npt.NDArray[np.int64], pages: Pages) -> bytes:
         offsets = index.astype(np.uint64) * np.uint64(PAGE_SIZE)
-        return self.enc.encode(PageBatch("pc.ram", offsets, pages.tobytes()))
+        return self.enc.encode(PageBatch("pc.ram", offsets, _view(pages)))
 
     def decode(self, wire: bytes, index: npt.NDArray[np.int64]) -> Pages:
         out = self.dec.decode(wire)

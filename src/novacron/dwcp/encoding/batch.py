@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from novacron.dwcp.encoding.errors import HdeInputError
-from novacron.dwcp.encoding.limits import PAGE_SIZE, HdeLimits
+from novacron.dwcp.encoding.limits import PAGE_SHIFT, PAGE_SIZE, HdeLimits
 
 
 @dataclass(frozen=True)
@@ -71,9 +71,9 @@ def validate_page_batch(batch: PageBatch, limits: HdeLimits) -> npt.NDArray[np.u
         raise HdeInputError("too many pages in one batch", count=n, limit=limits.max_pages_per_batch)
     if len(batch.data) != n * PAGE_SIZE:
         raise HdeInputError("data length is not count * 4096", count=n, size=len(batch.data))
-    if n and np.any(offsets % PAGE_SIZE):
+    if n and np.bitwise_or.reduce(offsets) & np.uint64(PAGE_SIZE - 1):
         raise HdeInputError("page offsets must be multiples of 4096", block=batch.block)
-    index = offsets // np.uint64(PAGE_SIZE)
+    index = offsets >> np.uint64(PAGE_SHIFT)
     if n and int(index.max()) > limits.max_page_index:
         raise HdeInputError("page offset beyond max_page_index", block=batch.block, offset=int(offsets.max()))
     if n > 1 and not distinct(index):

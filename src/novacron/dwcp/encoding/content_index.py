@@ -23,18 +23,20 @@ class ContentIndex:
         self._table = np.full(size, -1, dtype=np.int32)
         self._slot_fp = np.zeros(cache.capacity, dtype=np.uint64)
 
-    def find(self, fps: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint8]) -> npt.NDArray[np.int32]:
-        """Slots whose cached page equals the given page byte for byte, or -1."""
+    def find(
+        self, fps: npt.NDArray[np.uint64], pages: npt.NDArray[np.uint8], rows: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int32]:
+        """For each of ``pages[rows]`` (fingerprints ``fps``): the slot holding the same bytes, or -1."""
         slots = self._table[(fps & self._mask).astype(np.int64)]
         hit = slots >= 0
         hit[hit] = self._slot_fp[slots[hit]] == fps[hit]
         hit[hit] = self._cache.occupied(slots[hit])
         if hit.any():
-            rows = np.flatnonzero(hit)
-            cached = self._cache.slab64[slots[rows]]
-            mine = pages[rows].view(np.uint64)
+            cand = np.flatnonzero(hit)
+            cached = self._cache.slab64[slots[cand]]
+            mine = pages[rows[cand]].view(np.uint64)
             same = (cached == mine).all(axis=1)
-            hit[rows[~same]] = False
+            hit[cand[~same]] = False
         out = np.where(hit, slots, -1).astype(np.int32)
         return out
 

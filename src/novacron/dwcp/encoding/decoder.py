@@ -20,7 +20,7 @@ from novacron.dwcp.encoding.chunk_cache import ChunkCache
 from novacron.dwcp.encoding.codecs import CodecBank
 from novacron.dwcp.encoding.errors import HdeDecodeError, HdeReferenceMissing, HdeStreamBroken
 from novacron.dwcp.encoding.hashing import TAG_BYTES, checksum
-from novacron.dwcp.encoding.limits import PAGE_SIZE, HdeLimits
+from novacron.dwcp.encoding.limits import PAGE_SHIFT, PAGE_SIZE, HdeLimits
 from novacron.dwcp.encoding.session_cache import CacheArena, SessionPageCache
 from novacron.dwcp.encoding.wire import (
     FLAG_REPAIR,
@@ -33,7 +33,7 @@ from novacron.dwcp.encoding.wire import (
 )
 
 KIND_COUNT = len(PageKind)
-_REPAIR_KINDS = (PageKind.ZERO, PageKind.LITERAL)
+_NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
 class _Reader:
@@ -144,31 +144,32 @@ class HdeDecoder:
             raise HdeDecodeError("page index beyond the limit", seq=seq)
         if n > 1 and not distinct(index):
             raise HdeDecodeError("a page occurs twice in one batch", seq=seq)
-        kinds = r.array(n, "u1", "kinds")
+        kinds = r.take(n, "kinds")
         if n and int(kinds.max()) >= KIND_COUNT:
             raise HdeDecodeError("unknown page kind", seq=seq, kind=int(kinds.max()))
         counts = np.bincount(kinds, minlength=KIND_COUNT)
-        if repair and int(counts.sum() - sum(counts[k] for k in _REPAIR_KINDS)):
+        n_literal, n_zero = int(counts[PageKind.LITERAL]), int(counts[PageKind.ZERO])
+        if repair and n_literal + n_zero != n:
             raise HdeDecodeError("repair batch with references", seq=seq)
+        if n_literal + n_zero == n:
+            # No references (a first pass, a repair): only the literal section follows.
+            literals = r.take(n_literal * PAGE_SIZE, "literal pages")
+            r.finish()
+            return self._finish_pages(h, name, meta, index, kinds, flat=literals, n_zero=n_zero, built=None)
         ref_slot = r.array(int(counts[PageKind.SESSION_REF]), "<u4", "session refs").astype(np.int32)
         dup_src = r.array(int(counts[PageKind.BATCH_DUP]), "<u2", "batch dups").astype(np.int64)
         n_base = int(counts[PageKind.BASE_CONTENT])
         base_fps = r.array(n_base, "<u8", "baseline fingerprints").astype(np.uint64)
         base_tags = r.take(n_base * TAG_BYTES, "baseline tags").reshape(n_base, TAG_BYTES)
         deltas = [_read_delta(r, int(counts[k])) for k in (PageKind.DELTA, PageKind.BASE_DELTA)]
-        literals = r.take(int(counts[PageKind.LITERAL]) * PAGE_SIZE, "literal pages")
+        literals = r.take(n_literal * PAGE_SIZE, "literal pages")
         r.finish()
 
-        rows = [np.flatnonzero(kinds == k) for k in range(KIND_COUNT)]
-        all_literal = rows[PageKind.LITERAL].shape[0] == n
-        data: bytes | memoryview
-        if all_literal:
-            # Typical of a first pass: the literal section already is the batch, in order.
-            data = literals.data  # a view of the decompressed body, which it keeps alive
-            out = literals.reshape(n, PAGE_SIZE)
-        else:
-            out = np.empty((n, PAGE_SIZE), dtype=np.uint8)
+        rows = [np.flatnonzero(kinds == k) if counts[k] else _NO_ROWS for k in range(KIND_COUNT)]
+        out = np.empty((n, PAGE_SIZE), dtype=np.uint8)
+        if n_zero:
             out[rows[PageKind.ZERO]] = 0
+        if n_literal:
             out[rows[PageKind.LITERAL]] = literals.reshape(-1, PAGE_SIZE)
         block = self._cache.find_block(name)
         slots = self._cache.lookup(block, index) if block is not None else np.full(n, -1, dtype=np.int32)
@@ -203,18 +204,46 @@ class HdeDecoder:
                 raise HdeDecodeError("bad in-batch duplicate reference", seq=seq)
             out[sel] = out[dup_src]
 
-        offsets = index * np.uint64(PAGE_SIZE)
-        if not all_literal:
-            data = out.reshape(-1).data  # a fresh array per batch: handing out a view is safe
-        got = checksum(
-            [seq.to_bytes(8, "little"), name.encode(), offsets.astype("<u8").tobytes(), data, meta]
-        )
+        return self._finish_pages(h, name, meta, index, kinds, flat=out.reshape(-1), n_zero=n_zero, built=out)
+
+    def _finish_pages(
+        self,
+        h: Header,
+        name: str,
+        meta: bytes,
+        index: npt.NDArray[np.uint64],
+        kinds: npt.NDArray[np.uint8],
+        *,
+        flat: npt.NDArray[np.uint8],
+        n_zero: int,
+        built: npt.NDArray[np.uint8] | None,
+    ) -> PageBatch:
+        """Check the rebuilt batch against its checksum, then (only then) update the session state.
+
+        ``built`` is the page array the decoder assembled (None: ``flat`` holds the literal pages, and
+        only the ZERO pages are missing from it).
+        """
+        n, seq = h.count, h.seq
+        data: bytes | memoryview
+        if built is None and n_zero:
+            # Zero pages between literal ones: place the literals around them.
+            built = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+            built[kinds != PageKind.ZERO] = flat.reshape(-1, PAGE_SIZE)
+        if built is None:
+            # All literal, typical of a first pass: the literal section already is the batch, in order.
+            pages = flat.reshape(n, PAGE_SIZE)
+            data = flat.data  # a view of the decompressed body, which it keeps alive
+        else:
+            pages = built
+            data = built.reshape(-1).data  # a fresh array per batch: handing out a view is safe
+        offsets = index << np.uint64(PAGE_SHIFT)
+        got = checksum([seq.to_bytes(8, "little"), name.encode(), offsets.astype("<u8").data, data, meta])
         if got != h.checksum:
             raise HdeDecodeError("batch checksum mismatch: rebuilt pages differ", seq=seq, block=name)
         # The encoder marks exactly the all-zero pages ZERO; a batch that lies about it only breaks
         # its own later batches (their checksums), never the bytes returned.
         zero = kinds == PageKind.ZERO
-        self._cache.apply(self._cache.block_id(name), index, out, zero, seq)
+        self._cache.apply(self._cache.block_id(name), index, pages, zero, seq)
         self._seq += 1
         return PageBatch(name, offsets, data, meta)
 

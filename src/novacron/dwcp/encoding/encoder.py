@@ -119,10 +119,10 @@ class HdeEncoder:
         p64 = pages.view(np.uint64)
         n = batch.count
         zero = np.logical_not(p64.any(axis=1))
-        nz_rows = np.flatnonzero(~zero)
-        fps = np.zeros(n, dtype=np.uint64)
-        if nz_rows.shape[0]:
-            fps[nz_rows] = self.hasher.fingerprints(pages[nz_rows])
+        nonzero = ~zero
+        nz_rows = np.flatnonzero(nonzero)
+        # Hash every row in place (a zero page costs less to hash than gathering the others would).
+        fps = self.hasher.fingerprints(pages) if nz_rows.shape[0] else np.zeros(n, dtype=np.uint64)
         block = self._cache.block_id(batch.block)
         slots = self._cache.lookup(block, index)
         plan = self._plan(block_name=batch.block, index=index, pages=pages, zero=zero, fps=fps, slots=slots)
@@ -220,7 +220,7 @@ class HdeEncoder:
 
         rows = np.flatnonzero(pending)
         if rows.shape[0]:
-            found = self._index.find(fps[rows], pages[rows])
+            found = self._index.find(fps[rows], pages, rows)
             hit = found >= 0
             plan.ref_slot = np.zeros(n, dtype=np.int64)
             plan.ref_slot[rows[hit]] = found[hit]
@@ -294,7 +294,8 @@ class HdeEncoder:
     ) -> list[Part]:
         """The body as parts (not joined: a stream codec takes them one by one, saving a copy)."""
         kinds = plan.kinds
-        idx_delta = np.diff(index, prepend=np.uint64(0)).astype("<u8")
+        idx_delta = index.astype("<u8")  # a copy, made differences in place
+        idx_delta[1:] -= index[:-1]
         parts: list[Part] = [idx_delta.tobytes(), kinds.tobytes()]
         is_kind = [kinds == k for k in range(KIND_COUNT)]
         if plan.ref_slot is not None:

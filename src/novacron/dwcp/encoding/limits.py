@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from novacron.dwcp.encoding.errors import HdeConfigError
 
 PAGE_SIZE = 4096
+PAGE_SHIFT = 12
 MiB = 1 << 20
 
 
