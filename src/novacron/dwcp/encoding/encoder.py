@@ -50,6 +50,12 @@ class EncoderStats:
     baseline_batches: int = 0  # batches that referenced baseline content (keep their input until acked)
 
 
+def _has_repeats(values: npt.NDArray[np.uint64]) -> bool:
+    """Whether any value occurs twice (one sort: most batches have none, and np.unique costs more)."""
+    ordered = np.sort(values)
+    return bool((ordered[1:] == ordered[:-1]).any())
+
+
 def _seq_bytes(seq: int) -> bytes:
     return seq.to_bytes(8, "little")
 
@@ -194,7 +200,7 @@ class HdeEncoder:
             pending[rows[same]] = False
 
         rows = np.flatnonzero(pending)
-        if rows.shape[0] > 1:
+        if rows.shape[0] > 1 and _has_repeats(fps[rows]):
             _, first, inverse = np.unique(fps[rows], return_index=True, return_inverse=True)
             src = rows[first][inverse.ravel()]
             dup = src != rows
