@@ -212,3 +212,51 @@ def test_stream_segment_bound_catches_bombs_before_inflating() -> None:
         stream_segment_bound(header, first=True, max_window=1 << 20)
     with pytest.raises(HdeDecodeError, match="inside a block"):
         stream_segment_bound(rle[:3], first=False, max_window=8 << 20)
+
+
+def test_reused_zstd_contexts_start_every_session_afresh() -> None:
+    """Arena-held zstd contexts carry no history into the next session, even after a corrupt one."""
+    from novacron.dwcp.encoding import CacheArena, CostModelConfig
+    from novacron.dwcp.encoding.codecs import NONE, zstd_stream
+
+    cost = CostModelConfig(codecs=(NONE, zstd_stream(1)), bandwidth=1e6)  # always the stream
+    arenas = [CacheArena(LIM.session_pages, prefault=False) for _ in range(2)]
+    batches = stream(4)
+
+    def session(corrupt_at: int | None) -> list[bytes]:
+        enc = HdeEncoder(DefaultPageHasher(KEY), LIM, cost=cost, arena=arenas[0])
+        dec = HdeDecoder(LIM, arena=arenas[1])
+        wires = [enc.encode(b) for b in batches]
+        for i, (w, b) in enumerate(zip(wires, batches, strict=True)):
+            if i == corrupt_at:
+                bad = bytearray(w)
+                bad[-3] ^= 0x55
+                with pytest.raises(HdeDecodeError):
+                    dec.decode(bytes(bad))
+                break
+            assert dec.decode(w) == b
+        enc.close()
+        dec.close()
+        return wires
+
+    fresh_enc = HdeEncoder(DefaultPageHasher(KEY), LIM, cost=cost)
+    fresh = [fresh_enc.encode(b) for b in batches]
+    assert session(None) == fresh
+    assert session(corrupt_at=2)[0] == fresh[0]  # the decoder's stream breaks mid-session
+    assert session(None) == fresh  # and the next session on the same contexts is whole again
+
+
+def test_batches_without_references_decode_on_the_fast_path() -> None:
+    rng = np.random.default_rng(21)
+    pages = text_pages(rng, 24)
+    pages[[0, 5, 6, 23]] = 0  # zero pages between literal ones
+    enc, dec = HdeEncoder(DefaultPageHasher(KEY), LIM), HdeDecoder(LIM)
+    b = batch("pc.ram", np.arange(24) * 3, pages, meta=b"m")
+    out = dec.decode(enc.encode(b))
+    assert out == b
+    assert enc.stats.pages_by_kind[PageKind.ZERO] == 4
+    assert enc.stats.pages_by_kind[PageKind.LITERAL] == 20
+    # The session cache took the batch in: the same pages again are all "unchanged" or zero.
+    again = enc.encode(b)
+    assert dec.decode(again) == b
+    assert enc.stats.pages_by_kind[PageKind.UNCHANGED] == 20
