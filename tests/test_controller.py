@@ -285,8 +285,12 @@ def test_one_stream_starts_alone_on_a_lossless_short_path() -> None:
     # Not with too little headroom (1 Gbit/s x 15 ms: 1.12 Gbit/s < 1.25 x 1 Gbit/s), nor unmeasured.
     assert initial_streams(Mode.INTERNET, BBR, rtt_s=0.015, bandwidth_bps=GBIT) == 4
     assert initial_streams(Mode.INTERNET, BBR) == 4
-    # The mode's maximum still caps a product that needs more (1 Gbit/s x 100 ms: 6 streams).
+    # The product decides on a long path that one stream's window does not cover (1 Gbit/s x 100 ms:
+    # 6 streams), and a long path keeps the mode's minimum even where the window would cover it.
     assert initial_streams(Mode.INTERNET, BBR, rtt_s=0.1, bandwidth_bps=GBIT) == 6
+    big_window = ControllerConfig(stream_window_bytes=32 << 20, loss_limited=False)
+    assert initial_streams(Mode.INTERNET, big_window, rtt_s=0.1, bandwidth_bps=GBIT, loss=0.0) == 4
+    assert initial_streams(Mode.INTERNET, big_window, rtt_s=0.02, bandwidth_bps=GBIT, loss=0.0) == 1
 
 
 def test_one_stream_stays_alone_and_does_not_thrash() -> None:
@@ -302,13 +306,12 @@ def test_one_stream_stays_alone_and_does_not_thrash() -> None:
     assert len(times) <= 2 * 16 + 1  # an initial count, then at most ~16 probe/revert pairs an hour
 
 
-def test_lossy_long_path_keeps_the_mode_minimum() -> None:
-    # Loss-limited streams (CUBIC) on 100 Mbit/s x 50 ms with 1% loss: Mathis gives ~2.8 Mbit/s each.
-    assert initial_streams(Mode.INTERNET, CUBIC, rtt_s=0.05, bandwidth_bps=100 * MBIT, loss=0.01) == 16
-    # Known loss above one_stream_max_loss keeps even BBR at the mode's minimum or above.
-    assert initial_streams(Mode.INTERNET, BBR, rtt_s=0.05, bandwidth_bps=100 * MBIT, loss=0.08) == 4
+@pytest.mark.parametrize("config", [BBR, CUBIC], ids=["bbr", "cubic"])
+@pytest.mark.parametrize("loss", [None, 0.001, 0.01])
+def test_lossy_long_path_keeps_the_mode_minimum(config: ControllerConfig, loss: float | None) -> None:
+    # 100 Mbit/s x 50 ms: a 2 MiB window covers it, but the path is long; loss known or not.
     ctrl = StreamCountController(
-        Mode.INTERNET, 0.0, config=CUBIC, rtt_s=0.05, bandwidth_bps=100 * MBIT, loss=0.01
+        Mode.INTERNET, 0.0, config=config, rtt_s=0.05, bandwidth_bps=100 * MBIT, loss=loss
     )
     assert ctrl.floor == 4 and ctrl.target >= 4
     link = LinkModel(capacity_bps=100 * MBIT, rtt_s=0.05, loss=0.01, window_bytes=2 << 20)
@@ -316,12 +319,20 @@ def test_lossy_long_path_keeps_the_mode_minimum() -> None:
     assert min(n for _, n in trace) >= 4
 
 
+def test_known_loss_keeps_the_mode_minimum_on_a_short_path() -> None:
+    # CUBIC at 1% and 10 ms: Mathis gives ~14 Mbit/s a stream, 100 Mbit/s needs 8 (> the minimum).
+    assert initial_streams(Mode.INTERNET, CUBIC, rtt_s=0.01, bandwidth_bps=100 * MBIT, loss=0.01) == 8
+    # Loss above one_stream_max_loss keeps even BBR at the mode's minimum.
+    assert initial_streams(Mode.INTERNET, BBR, rtt_s=0.01, bandwidth_bps=100 * MBIT, loss=0.08) == 4
+    assert initial_streams(Mode.INTERNET, BBR, rtt_s=0.01, bandwidth_bps=100 * MBIT, loss=0.01) == 1
+
+
 def test_loss_measured_after_a_one_stream_start_restores_the_minimum_at_the_first_decision() -> None:
     # The monitor creates the controller when start-up ends, before any path loss is known: the
     # window alone says one stream, then the first decision sees 1% loss that caps a CUBIC stream.
-    ctrl = StreamCountController(Mode.INTERNET, 0.0, config=CUBIC, rtt_s=0.05, bandwidth_bps=100 * MBIT)
+    ctrl = StreamCountController(Mode.INTERNET, 0.0, config=CUBIC, rtt_s=0.01, bandwidth_bps=100 * MBIT)
     assert ctrl.target == 1
-    link = LinkModel(capacity_bps=100 * MBIT, rtt_s=0.05, loss=0.01, window_bytes=2 << 20)
+    link = LinkModel(capacity_bps=100 * MBIT, rtt_s=0.01, loss=0.01, window_bytes=2 << 20)
     trace = run_with_loss(ctrl, link, 0.0, 900.0, loss=0.01)
     raised = next(c for c in ctrl.history if c.previous)
     assert raised.target == 4 and "path loss" in raised.reason
@@ -361,3 +372,5 @@ def test_path_loss_is_the_median_of_readings() -> None:
         ControllerConfig(one_stream_headroom=0.5)
     with pytest.raises(ControllerConfigError):
         ControllerConfig(one_stream_max_loss=1.0)
+    with pytest.raises(ControllerConfigError):
+        ControllerConfig(one_stream_max_rtt_s=-0.01)

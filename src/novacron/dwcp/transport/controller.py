@@ -8,22 +8,28 @@ One TCP stream is limited by its window (window / RTT) and, on a lossy path, by 
 starts from that: enough streams for the link's bandwidth, clamped to the bounds of the current mode
 (internet 4-16, hybrid 2-8, datacenter 1-4 by default).
 
-The mode's minimum is a guess for paths nobody measured; measurements override it. *One stream
-fills the path* when the RTT and bandwidth are measured and the single-stream model above carries
-the bandwidth with `one_stream_headroom` to spare, and the path loss is at most
-`one_stream_max_loss`. Then the floor is 1 instead of the mode's minimum, the start is 1, and only a
-probe that raises goodput adds streams (extra TLS streams cost CPU and, sharing one bottleneck,
-overshoot it together). Unknown path loss (too few segments yet) does not stop the rule; when the
-path loss measured later says one stream does not fill the path after all (Mathis for a
-loss-limited stream, or above `one_stream_max_loss`), the next decision restores the mode's minimum,
-for as long as the mode holds. A path whose loss is known to be too high at the start never goes
-below the mode's minimum.
+The mode's minimum is a guess for paths nothing was measured on; measurements override it. *One
+stream fills the path* when the RTT and bandwidth are measured, the RTT is at most
+`one_stream_max_rtt_s`, the single-stream model above carries the bandwidth with
+`one_stream_headroom` to spare, and the path loss is at most `one_stream_max_loss`. Then the floor
+is 1 instead of the mode's minimum, the start is 1, and only a probe that raises goodput adds
+streams (extra TLS streams cost CPU and, sharing one bottleneck, overshoot it together). Unknown
+path loss (too few segments yet) does not stop the rule; when the path loss measured later says one
+stream does not fill the path after all (Mathis for a loss-limited stream, or above
+`one_stream_max_loss`), the next decision restores the mode's minimum, for as long as the mode
+holds. A path whose loss is known to be too high at the start never goes below the mode's minimum.
+
+Why an RTT limit: loss cannot be told from a full queue with BBR (below), and every loss holds one
+stream's data back for about an RTT of recovery while the receiver reassembles behind it. With
+several streams the others keep delivering and late chunks are resent on them (docs/transport.md
+section 3); with one there is no other path. At short RTTs that stall is short; long lossy paths
+keep the mode's minimum, where the benchmark's lossy links ran at or above one stream's figures.
 
 For a loss-tolerant stream (BBR) `one_stream_max_loss` is deliberately high (5%): BBR keeps a
 shallow bottleneck queue overflowing a little all the time, so loss does not tell a lossy path from
 a clean one. Measured on the WAN emulator with one BBR stream of an AMST session: a median 0.87%
 per reading on a lossless 1 Gbit/s x 10 ms link and 0.89% on a 100 Mbit/s x 50 ms link with 1%
-random loss, and one stream carried 93% and 94% of those links.
+random loss.
 
 *Path loss* is the median of per-reading loss ratios (:class:`PathLoss`), not a total: bursts (a
 start-up overshoot, a stream joining) move a total but not the median.
@@ -86,6 +92,7 @@ class ControllerConfig:
     loss_limited: bool = True  # the streams' congestion control backs off on random loss
     one_stream_max_loss: float = 0.05  # path loss above which one stream is not trusted alone
     one_stream_headroom: float = 1.25  # one stream's window / RTT over the bandwidth it must carry
+    one_stream_max_rtt_s: float = 0.025  # longer paths keep the mode's minimum (module docstring)
     loss_min_segments: int = 1000  # segments sent before a loss ratio means anything
     loss_reading_min_segments: int = 100  # a reading with fewer says nothing about path loss
     loss_min_readings: int = 4  # readings before path loss is known
@@ -128,6 +135,10 @@ class ControllerConfig:
             raise ControllerConfigError(
                 "one_stream_max_loss is a fraction in [0, 1)", value=self.one_stream_max_loss
             )
+        if not (math.isfinite(self.one_stream_max_rtt_s) and self.one_stream_max_rtt_s >= 0):
+            raise ControllerConfigError(
+                "one_stream_max_rtt_s must not be negative", value=self.one_stream_max_rtt_s
+            )
         if not (math.isfinite(self.one_stream_headroom) and self.one_stream_headroom >= 1):
             raise ControllerConfigError(
                 "one_stream_headroom must be at least 1", value=self.one_stream_headroom
@@ -169,6 +180,8 @@ def one_stream_fills(
     segments were sent to tell, which counts as low until a measurement says otherwise.
     """
     if rtt_s is None or bandwidth_bps is None or not (rtt_s > 0 and bandwidth_bps > 0):
+        return False
+    if rtt_s > config.one_stream_max_rtt_s:
         return False
     if loss is not None and loss > config.one_stream_max_loss:
         return False
