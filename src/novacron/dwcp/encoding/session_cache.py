@@ -144,16 +144,20 @@ class SessionPageCache:
         slots = amap[idx].copy()
         stamps = np.int64(seq) * 65536 + np.arange(n, dtype=np.int64)
 
-        # Zero pages give their slot back; the address remembers "zero".
-        zero_with_slot = zero & (slots >= 0)
-        if zero_with_slot.any():
-            self._release(slots[zero_with_slot])
-        amap[idx[zero]] = ZERO
-        slots[zero] = ZERO
-
-        keep = ~zero & (slots >= 0)
+        any_zero = bool(zero.any())
+        if any_zero:
+            # Zero pages give their slot back; the address remembers "zero".
+            zero_with_slot = zero & (slots >= 0)
+            if zero_with_slot.any():
+                self._release(slots[zero_with_slot])
+            amap[idx[zero]] = ZERO
+            slots[zero] = ZERO
+            keep = ~zero & (slots >= 0)
+            need = ~zero & (slots < 0)
+        else:
+            keep = slots >= 0
+            need = ~keep
         self._stamp[slots[keep]] = stamps[keep]
-        need = ~zero & (slots < 0)
         k = int(need.sum())
         if k:
             new = self._allocate(k, protect=slots[keep])
@@ -162,10 +166,10 @@ class SessionPageCache:
             self._owner_index[new] = idx[need]
             self._stamp[new] = stamps[need]
             amap[idx[need]] = new
-        write = ~zero
-        if write.all():
+        if not any_zero:
             self.slab[slots] = pages  # the common case; avoids a temporary copy of the batch
-        elif write.any():
+        elif k + int(keep.sum()):
+            write = ~zero
             self.slab[slots[write]] = pages[write]
         return slots
 
