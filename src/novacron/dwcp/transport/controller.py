@@ -33,6 +33,7 @@ random loss.
 
 *Path loss* is the median of per-reading loss ratios (:class:`PathLoss`), not a total: bursts (a
 start-up overshoot, a stream joining) move a total but not the median.
+
 Then the controller hill-climbs on measured goodput:
 
     SETTLING  --settle_s after a change-->  MEASURING  --enough samples-->  decide
@@ -223,8 +224,9 @@ def initial_streams(
 class PathLoss:
     """The loss ratio of a path from successive TCP_INFO readings (retransmitted / sent segments).
 
-    The median of the readings' ratios: random loss shows in (nearly) every reading, while a queue
-    that overflows drops in bursts, which move a total but not the median. Readings with fewer than
+    The median of the readings' ratios: random loss shows in (nearly) every reading, while a start-up
+    overshoot or a stream joining drops in bursts, which move a total but not the median. (BBR's
+    steady overflow of a shallow queue is not a burst: see the module docstring.) Readings with fewer than
     `loss_reading_min_segments` are skipped; the ratio is known after `loss_min_readings` readings
     and `loss_min_segments` segments. Bounded: the latest MAX_LOSS_READINGS readings count.
     """
