@@ -285,11 +285,15 @@ def main() -> None:
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return
-    print_table(summaries, links, args, elapsed)
+    print_table(summaries, links, args, elapsed, raw)
 
 
 def print_table(
-    summaries: list[Summary], links: list[Link], args: argparse.Namespace, elapsed: float
+    summaries: list[Summary],
+    links: list[Link],
+    args: argparse.Namespace,
+    elapsed: float,
+    raw: dict[str, list[Row]],
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -336,6 +340,14 @@ def print_table(
     for s in summaries:
         for problem in dict.fromkeys(s.problems):
             console.print(f"[red]{s.link} {s.method}[/]: {problem}", highlight=False)
+    for key, rows in raw.items():
+        for i, row in enumerate(rows):
+            if row.phases:
+                spent = ", ".join(f"{phase} {sec:.1f}" for phase, sec in row.phases)
+                console.print(f"{key} #{i + 1} seconds per phase: {spent}", highlight=False)
+            if row.switchover:
+                marks = ", ".join(f"{name} {ms:.0f}" for name, ms in row.switchover)
+                console.print(f"{key} #{i + 1} ms after STOP: {marks}", highlight=False)
     judged = [met for s in summaries for _, met in s.goals if met is not None]
     console.print(f"goals met: {sum(judged)} of {len(judged)} judged ({len(GOALS)} defined)")
 

@@ -110,6 +110,9 @@ class PipeSession:
     def rtt_s(self) -> float | None:
         return 0.0002
 
+    def path_rtt_s(self) -> float | None:
+        return 0.0002
+
     def bandwidth_bps(self) -> float | None:
         return self.link_bps
 

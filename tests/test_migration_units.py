@@ -280,6 +280,17 @@ def test_the_link_is_measured_early_and_qemu_capped_below_it() -> None:
         assert tunnel.observe(_sample(1, 100 << 20, 10, mbps=mbps), 0.2 * i) == []  # never capped
 
 
+def test_datacenter_paths_are_not_capped_at_a_measured_rate_but_at_a_configured_one() -> None:
+    policy = SteeringPolicy(max_downtime_ms=300, deadline_at=100.0, cap_from_measurement=False)
+    measured = ConvergenceSteering(policy)
+    out = []
+    for i, mbps in enumerate([5, 150, 200, 30, 195, 190, 180]):
+        out += measured.observe(_sample(1, 100 << 20, 10, mbps=mbps), 0.3 * i)
+    assert not [a for a in out if isinstance(a, SetParameters) and "max-bandwidth" in a.parameters]
+    configured = ConvergenceSteering(policy)
+    assert configured.initial_parameters(160e6)["max-bandwidth"] == int(160e6 / 8 * 0.9)
+
+
 def test_link_measurement_recaps_only_on_real_change() -> None:
     s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=10.0))
     s.initial_parameters(100e6)

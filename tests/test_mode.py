@@ -67,6 +67,35 @@ def test_first_decision_waits_for_enough_evidence() -> None:
     assert (change.previous, change.mode, change.reason) == (Mode.HYBRID, Mode.INTERNET, "first measurement")
 
 
+def test_verdict_so_far_needs_only_the_rtt_samples() -> None:
+    det = ModeDetector()
+    assert det.verdict_so_far(0.0) is None
+    det.observe_rtt(80 * MS, 0.0)
+    det.observe_rtt(80 * MS, 0.05)
+    assert det.verdict_so_far(0.05) is None  # two of the three samples it needs
+    det.observe_rtt(80 * MS, 0.1)
+    assert det.verdict_so_far(0.1) is Mode.INTERNET
+    assert not det.decided and mode_of(det) is Mode.HYBRID  # the session's mode still waits
+    fast = ModeDetector()
+    for i in range(3):
+        fast.observe_rtt(0.2 * MS, i * 0.05)
+    assert fast.verdict_so_far(0.1) is Mode.DATACENTER
+    fast.force(Mode.INTERNET, 0.2)
+    assert fast.verdict_so_far(0.2) is Mode.INTERNET
+
+
+def test_watchers_hear_every_sample_even_without_a_mode_change() -> None:
+    det = ModeDetector()
+    heard: list[Mode | None] = []
+    unwatch = det.watch(lambda: heard.append(det.verdict_so_far(1.0)))
+    for i in range(4):
+        det.observe_rtt(20 * MS, i * 0.05)  # hybrid: the same as the initial mode, no change event
+    assert heard == [None, None, Mode.HYBRID, Mode.HYBRID]
+    unwatch()
+    det.observe_rtt(20 * MS, 0.3)
+    assert len(heard) == 4
+
+
 def test_change_needs_confirmation_and_dwell() -> None:
     det = ModeDetector(ModeThresholds(confirm_s=5.0, min_dwell_s=30.0, rtt_window_s=10.0))
     t = feed(det, 0, 40, 2 * MS, 10 * GBIT)

@@ -97,6 +97,9 @@ class DataSessions:
         return entry.amst, entry.router
 
 
+TRANSPORT_SAMPLE_SLACK_S = 0.02  # after the transport's sample timer is due, until it has run
+
+
 class AmstPeerSession:
     """A migration's sessions as the orchestrator sees them (the PeerSession Protocol)."""
 
@@ -131,6 +134,12 @@ class AmstPeerSession:
     def rtt_s(self) -> float | None:
         return self.amst.metrics().rtt_s
 
+    def path_rtt_s(self) -> float | None:
+        """The path's propagation round trip: the detector's windowed minimum (kernel and ping
+        samples), which a busy host's event loop does not inflate; the smoothed RTT before it has one."""
+        m = self.amst.metrics()
+        return m.min_rtt_s if m.min_rtt_s is not None else m.rtt_s
+
     def bandwidth_bps(self) -> float | None:
         if self._link_bps is not None:
             return self._link_bps
@@ -144,17 +153,36 @@ class AmstPeerSession:
         return sum(s.metrics().bytes_sent for s in (self.amst, self.data_amst) if s is not None)
 
     async def wait_mode(self, timeout_s: float) -> Mode | None:
-        """The detector's verdict, waiting at most ``timeout_s`` for its first decision."""
-        if self.amst.monitor.detector.decided:
-            return self.amst.mode
-        decided = asyncio.Event()
-        unsubscribe = self.amst.subscribe_mode(lambda _change: decided.set())
-        try:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(decided.wait(), timeout_s)
-        finally:
-            unsubscribe()
-        return self.mode()
+        """The detector's decision, or before it what its RTT samples say once it has enough of them
+        and the transport has read its streams' ``TCP_INFO`` once (``ModeDetector.verdict_so_far``),
+        waiting at most ``timeout_s``; None if no verdict came in time.
+
+        A plan needs the RTT class, not the detector's settled verdict (which waits seconds for
+        goodput or ``warmup_s``): waiting for that cost every migration up to ``timeout_s``. The
+        kernel's RTT matters because application-level pings on a host busy with a guest overstate
+        a LAN's RTT many times (8.6 ms measured over a veth pair)."""
+        loop = self._loop
+        deadline = loop.time() + timeout_s
+        detector, monitor = self.amst.monitor.detector, self.amst.monitor
+        if detector.verdict_so_far(loop.time()) is None:
+            ready = asyncio.Event()
+
+            def check() -> None:
+                if detector.verdict_so_far(loop.time()) is not None:
+                    ready.set()
+
+            unwatch = detector.watch(check)
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ready.wait(), max(deadline - loop.time(), 0.0))
+            finally:
+                unwatch()
+        if monitor.last_sample is None and not detector.decided:
+            # The transport's first sample (TCP_INFO of every stream) is due at its timer; the
+            # session runs that timer itself, so waiting past it is enough (bounded by the deadline).
+            due = min(monitor.get_timer() + TRANSPORT_SAMPLE_SLACK_S, deadline)
+            await asyncio.sleep(max(due - loop.time(), 0.0))
+        return detector.verdict_so_far(loop.time())
 
     async def open_data(self) -> None:
         """Source: open the data session (tunnel paths)."""

@@ -242,6 +242,7 @@ class ModeDetector:
         self._last_switch_at: float | None = None
         self._events: deque[ModeChange] = deque(maxlen=MAX_PENDING_EVENTS)
         self._subscribers: list[Callable[[ModeChange], None]] = []
+        self._watchers: list[Callable[[], None]] = []
         self.metrics = ModeMetrics(mode=self.mode)
 
     # ---- what others read ----
@@ -277,6 +278,24 @@ class ModeDetector:
         """Call `callback` with every future mode change; returns a function that unsubscribes."""
         self._subscribers.append(callback)
         return lambda: self._subscribers.remove(callback) if callback in self._subscribers else None
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` after every measurement taken in (whether or not the mode changed), so
+        a waiter can re-check :meth:`verdict_so_far`; returns a function that unsubscribes."""
+        self._watchers.append(callback)
+        return lambda: self._watchers.remove(callback) if callback in self._watchers else None
+
+    def verdict_so_far(self, now: float) -> Mode | None:
+        """The effective mode once decided; before the first decision, what the RTT (and any
+        bandwidth) samples so far say, once there are ``min_rtt_samples`` of them; else None.
+
+        For one-off choices that cannot wait ``warmup_s`` (a migration's plan): the RTT settles the
+        verdict in most cases, and the session's own mode still waits for the full first decision."""
+        if self._forced is not None or self._decided:
+            return self.mode
+        if self._rtt_count < self._t.min_rtt_samples:
+            return None
+        return self._verdict(self.estimates(now), None)
 
     def next_event(self) -> ModeChange | None:
         return self._events.popleft() if self._events else None
@@ -346,6 +365,12 @@ class ModeDetector:
 
     def tick(self, now: float) -> ModeChange | None:
         """Re-evaluate without a new sample (lets a pending change complete after `confirm_s`)."""
+        change = self._evaluate(now)
+        for callback in list(self._watchers):
+            callback()
+        return change
+
+    def _evaluate(self, now: float) -> ModeChange | None:
         est = self.estimates(now)
         if not self._ready(now):
             return None

@@ -114,6 +114,10 @@ class PeerSession(Protocol):
 
     def rtt_s(self) -> float | None: ...
 
+    def path_rtt_s(self) -> float | None:
+        """The path's propagation RTT (windowed minimum), for planning; None if unknown."""
+        ...
+
     def bandwidth_bps(self) -> float | None:
         """Measured (or configured) path bandwidth, None if unknown."""
         ...

@@ -90,6 +90,7 @@ class SteeringPolicy:
     allow_postcopy: bool = False
     postcopy_capable: bool = False  # the migration was started with postcopy-ram
     cap_bandwidth: bool = True  # direct path: cap QEMU near the link bandwidth when known
+    cap_from_measurement: bool = True  # ... also when only measured in pass 1 (not configured)
     one_way_delay_s: float = 0.0
 
     def __post_init__(self) -> None:
@@ -301,7 +302,7 @@ class ConvergenceSteering:
         first pass), then cap QEMU below it before the socket buffers fill with seconds of data."""
         c = self.config
         if (
-            not self.policy.cap_bandwidth
+            not (self.policy.cap_bandwidth and self.policy.cap_from_measurement)
             or self._link_bps is not None
             or len(self._pass1_rates) < c.min_rate_samples
         ):

@@ -14,7 +14,9 @@ Shared by ``bench/migration.py`` and the demo, so both measure the same way as
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import statistics
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -43,6 +45,10 @@ class Row:
     data_path: str | None = None
     max_downtime_ms: int | None = None
     migration_id: str | None = None
+    # seconds spent in each phase (source record), in order; where a slow migration spends its time
+    phases: tuple[tuple[str, float], ...] = ()
+    # milliseconds after the source's STOP at which each side entered its late phases, and RESUME
+    switchover: tuple[tuple[str, float], ...] = ()
 
     @classmethod
     def from_qemu(cls, result: QemuResult) -> Row:
@@ -122,6 +128,9 @@ async def dwcp_migrate(
     if copies != 1:
         problems.append(f"{copies} QEMU processes run it")
     progress = m.get("progress") or {}
+    dest_record: dict[str, Any] = {}
+    with contextlib.suppress(NovacronError, OSError):  # only a breakdown: the row stands without it
+        dest_record = await cluster[dst].api("GET", f"/v1/migrations/{started['id']}")
     created, resumed = m.get("created_at"), m.get("resume_ts")
     row = Row(
         method=method,
@@ -136,8 +145,40 @@ async def dwcp_migrate(
         data_path=m.get("data_path"),
         max_downtime_ms=m.get("max_downtime_ms"),
         migration_id=str(started["id"]),
+        phases=phase_durations(m),
+        switchover=switchover_timeline(m, dest_record),
     )
     return row, check
+
+
+def phase_durations(record: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    """Seconds from each phase's entry to the next one's (the last phase up to the destination's
+    RESUME when it is later), from a migration record as the API returns it."""
+    history = [(str(h.get("phase")), float(h.get("at", 0.0))) for h in record.get("history") or []]
+    out: list[tuple[str, float]] = []
+    for (phase, at), (_, nxt) in itertools.pairwise(history):
+        out.append((phase, round(nxt - at, 3)))
+    return tuple(out)
+
+
+LATE_PHASES = ("switchover", "verify", "commit")
+
+
+def switchover_timeline(source: dict[str, Any], dest: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    """When each side entered its late phases, and the RESUME, in ms after the source's STOP."""
+    stop = source.get("stop_ts")
+    if not stop:
+        return ()
+    marks: list[tuple[str, float]] = []
+    for side, record in (("src", source), ("dst", dest)):
+        if record.get("role") not in (None, "source" if side == "src" else "destination"):
+            continue
+        for entry in record.get("history") or []:
+            if entry.get("phase") in LATE_PHASES:
+                marks.append((f"{side}:{entry['phase']}", round((float(entry["at"]) - stop) * 1000, 1)))
+    if source.get("resume_ts"):
+        marks.append(("resume", round((float(source["resume_ts"]) - stop) * 1000, 1)))
+    return tuple(sorted(marks, key=lambda m: m[1]))
 
 
 # ------------------------------------------------------------------------------------------ goals
