@@ -104,9 +104,6 @@ class PipeSession:
     link_bps: float | None = None  # what a transport would have measured
     closed: bool = False
 
-    def mode(self) -> Mode | None:
-        return self.mode_value
-
     def rtt_s(self) -> float | None:
         return 0.0002
 

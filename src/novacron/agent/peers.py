@@ -128,9 +128,6 @@ class AmstPeerSession:
         self._data_sessions = data_sessions
         self._loop = asyncio.get_running_loop()
 
-    def mode(self) -> Mode | None:
-        return self.amst.mode if self.amst.monitor.detector.decided else None
-
     def rtt_s(self) -> float | None:
         return self.amst.metrics().rtt_s
 

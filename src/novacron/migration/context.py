@@ -108,10 +108,6 @@ class PeerSession(Protocol):
     data: DataSession | None  # for the tunnel's source side (opens channels); None if unavailable
     router: ChannelRouter | None  # for the tunnel's destination side (accepts channels)
 
-    def mode(self) -> Mode | None:
-        """The session's mode detector's verdict, None while it has not decided."""
-        ...
-
     def rtt_s(self) -> float | None: ...
 
     def path_rtt_s(self) -> float | None:

@@ -152,8 +152,8 @@ async def dwcp_migrate(
 
 
 def phase_durations(record: dict[str, Any]) -> tuple[tuple[str, float], ...]:
-    """Seconds from each phase's entry to the next one's (the last phase up to the destination's
-    RESUME when it is later), from a migration record as the API returns it."""
+    """Seconds from each phase's entry to the next one's (the final phase has none), from a
+    migration record as the API returns it."""
     history = [(str(h.get("phase")), float(h.get("at", 0.0))) for h in record.get("history") or []]
     out: list[tuple[str, float]] = []
     for (phase, at), (_, nxt) in itertools.pairwise(history):
