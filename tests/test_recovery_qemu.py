@@ -47,7 +47,8 @@ async def test_link_lost_after_completion_settles_to_commit(hosts: tuple[SimHost
     assert Phase.IN_DOUBT in [h.phase for h in record.history]
     assert any("destination runs the VM; committed" in e for e in record.events), record.events
     dest = await asyncio.wait_for(b.service.wait(run.id), 60)
-    assert dest.phase is Phase.DONE and dest.resumed
+    history = [h.phase for h in dest.history]
+    assert dest.phase is Phase.DONE and dest.resumed, (dest.error, dest.events, history)
     await assert_runs_once_intact(a, b, "g1", "hostb", checksum)
     assert (await b.host.ownership.require("g1")).node == "hostb"
     assert (await a.host.ownership.require("g1")).node == "hostb"

@@ -110,6 +110,7 @@ class DestinationMigration(MigrationRun):
         self._stack = contextlib.AsyncExitStack()
         self._defined = False  # this migration defined the VM here (rollback forgets it)
         self._resumed = False
+        self._told_resumed = False  # RESUMED was sent: the source may commit on it at any moment
         self._refused: MigrationRefused | None = None
         self.completed: Completed | None = None
 
@@ -429,6 +430,8 @@ class DestinationMigration(MigrationRun):
             downtime_ms=downtime,
             completed_ts=monitor.state.status_ts.get("completed"),
         )
+        # Set before the send: once it may have left, only the source's ABORT rolls us back.
+        self._told_resumed = True
         await self.control.send(Resumed(migration_id=self.id, resume_ts=resume_ts, checks=checks))
         # QEMU completing proved the stream arrived; the data path's own end is checked off the
         # critical path (a failure here is worth a note, not a rollback of a running VM).
@@ -538,8 +541,9 @@ class DestinationMigration(MigrationRun):
 
     def _verify_failed(self, exc: BaseException) -> bool:
         # Our own checks after cont failed: the source is paused and complete, so killing ours and
-        # letting the source resume keeps the VM alive exactly once.
-        return self.phase is Phase.VERIFY and not isinstance(exc, PeerLost)
+        # letting the source resume keeps the VM alive exactly once. Not after RESUMED went out (a
+        # lost COMMIT then looks like a timeout here, and the source may have retired its copy).
+        return self.phase is Phase.VERIFY and not self._told_resumed and not isinstance(exc, PeerLost)
 
     async def _kill_qemu(self) -> None:
         driver = self.host.driver

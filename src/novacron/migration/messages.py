@@ -187,6 +187,9 @@ class State(Message):
     phase: Phase = "none"
     qemu: QemuState = "none"
     resumed: bool = False  # destination: it resumed the VM at some point
+    # A live run on the answering host still drives this migration and will decide on its own (it
+    # ends, or goes in-doubt and then answers without this flag): the asker must not act, ask again.
+    driving: bool = False
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

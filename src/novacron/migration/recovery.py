@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 
 from novacron.errors import NovacronError
 from novacron.hypervisor.driver import StopMode, VMState
@@ -64,11 +65,26 @@ async def _qemu_state(host: MigrationHost, vm: str, role: str) -> str:
     return "gone"
 
 
-async def answer_query(host: MigrationHost, migration_id: str, asker_role: str) -> State:
+LivePhase = Callable[[str, str], Phase | None]
+"""The phase of this host's live run of (migration id, role) while it still drives the migration
+(not ended, not in-doubt), else None. In-doubt runs only wait for the peer: they count as settleable."""
+
+
+def _no_live_runs(migration_id: str, role: str) -> Phase | None:
+    return None
+
+
+async def answer_query(
+    host: MigrationHost, migration_id: str, asker_role: str, live: LivePhase = _no_live_runs
+) -> State:
     role = "destination" if asker_role == "source" else "source"
     record = await host.records.find(migration_id, role)
     if record is None:
         return State(migration_id=migration_id, known=False)
+    driving = live(migration_id, role)
+    if driving is not None:
+        # Its run decides (and holds the QEMU monitor): no probe, no verdict to act on.
+        return State(migration_id=migration_id, phase=str(driving), resumed=record.resumed, driving=True)
     qemu = await _qemu_state(host, record.vm, role)
     if record.phase is Phase.DONE and role == "source":
         qemu = "gone"  # the VM has moved; a QEMU of the same name here would be another VM
@@ -225,8 +241,8 @@ async def settle_source(
         return None
     control, reply = asked
     try:
-        if not isinstance(reply, State):
-            return None
+        if not isinstance(reply, State) or reply.driving:
+            return None  # its live run decides (it resumes and verifies, or rolls back): ask again
         if reply.resumed and reply.qemu in ("running", "paused"):
             return await _commit_from_source(host, control, record)
         if not reply.known or reply.qemu in ("none", "gone"):
@@ -236,10 +252,12 @@ async def settle_source(
         await control.send(Abort(migration_id=record.id, phase=str(record.phase), code="failed",
                                  reason="source settles the migration: roll back"))  # fmt: skip
         answer = await control.recv(host.config.query_timeout_s)
-        if isinstance(answer, State) and answer.qemu in ("none", "gone") and not answer.resumed:
+        if not isinstance(answer, State) or answer.driving:
+            return None
+        if answer.qemu in ("none", "gone") and not answer.resumed:
             how = await _resume_source(host, record)
             return await _finish(host, record, Phase.FAILED, f"destination dropped its incoming QEMU; {how}")
-        if isinstance(answer, State) and answer.resumed:
+        if answer.resumed and answer.qemu in ("running", "paused"):
             return await _commit_from_source(host, control, record)
         return None
     except (NovacronError, OSError) as exc:
@@ -287,7 +305,7 @@ async def settle_destination(
         return None
     control, reply = asked
     try:
-        if not isinstance(reply, State):
+        if not isinstance(reply, State) or reply.driving:
             return None
         if reply.phase == str(Phase.DONE) or (reply.known and reply.qemu in ("none", "gone")):
             await take_ownership(host, record.vm, record.source, None)
@@ -318,14 +336,22 @@ async def _drop_incoming(host: MigrationHost, vm: str) -> None:
         await driver.delete(vm)
 
 
-async def answer(host: MigrationHost, control: ControlChannel, first: Message) -> None:
-    """Serve a peer's settling conversation about a migration this host holds a record of."""
+async def answer(
+    host: MigrationHost, control: ControlChannel, first: Message, live: LivePhase = _no_live_runs
+) -> None:
+    """Serve a peer's settling conversation about a migration this host holds a record of.
+
+    While a live run of this host still drives the migration, only it decides: COMMIT and ABORT are
+    not acted on here (the answer says ``driving``; the peer asks again once the run ended or went
+    in-doubt). Acting beside it once killed a VM the run then resumed, while the source committed."""
     from novacron.migration.destination import take_ownership  # noqa: PLC0415 - destination imports us
 
     message: Message | None = first
     while message is not None:
         if isinstance(message, Query):
-            await control.send(await answer_query(host, message.migration_id, message.role))
+            await control.send(await answer_query(host, message.migration_id, message.role, live))
+        elif live(message.migration_id, "destination") is not None:
+            await control.send(await answer_query(host, message.migration_id, "source", live))
         elif isinstance(message, Commit):
             record = await host.records.find(message.migration_id, "destination")
             if record is not None and not record.final:
@@ -341,7 +367,7 @@ async def answer(host: MigrationHost, control: ControlChannel, first: Message) -
             if record is not None and not record.final and not record.resumed:
                 await _drop_incoming(host, record.vm)
                 await _finish(host, record, Phase.FAILED, f"source aborted: {message.reason}")
-            await control.send(await answer_query(host, message.migration_id, "source"))
+            await control.send(await answer_query(host, message.migration_id, "source", live))
         else:
             raise MigrationError("unexpected message in a settling conversation", type=message.TYPE)
         try:

@@ -23,6 +23,7 @@ from novacron.migration.destination import DestinationMigration
 from novacron.migration.errors import ControlProtocolError, MigrationConflict, MigrationNotFound
 from novacron.migration.messages import Prepare
 from novacron.migration.orchestrator import MigrationRun
+from novacron.migration.phases import Phase
 from novacron.migration.records import MigrationRecord
 from novacron.migration.source import SourceMigration
 from novacron.observability.log import log_event
@@ -93,6 +94,14 @@ class MigrationService:
 
     def live(self, migration_id: str) -> MigrationRun | None:
         return self._runs.get(migration_id)
+
+    def driving_phase(self, migration_id: str, role: str) -> Phase | None:
+        """The phase of this host's run of the migration while it still decides its outcome (not
+        ended, not in-doubt); None otherwise (see :data:`recovery.LivePhase`)."""
+        run = self._runs.get(migration_id)
+        if run is None or run.role != role or run.done.is_set() or run.phase is Phase.IN_DOUBT:
+            return None
+        return run.phase
 
     async def show(self, migration_id: str) -> dict[str, Any]:
         run = self._runs.get(migration_id)
@@ -191,7 +200,7 @@ class MigrationService:
             return
         control.start()
         try:
-            await recovery.answer(self.host, control, first)
+            await recovery.answer(self.host, control, first, self.driving_phase)
         except (NovacronError, OSError) as exc:
             log_event(log, "migration.settle_answer_failed", logging.WARNING, peer=peer_node, error=str(exc))
         finally:
