@@ -7,11 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import shutil
 import signal
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -23,19 +19,11 @@ from novacron.migration.converge import SteeringConfig
 from novacron.migration.orchestrator import MigrationRun
 from novacron.migration.phases import Phase
 from novacron.vm.service import VMService
-from test_migration_support import SimHost, two_hosts
+from test_migration_support import SimHost
 
 pytestmark = pytest.mark.qemu
 
 HEARTBEAT = r"NOVACRON-HEARTBEAT n=(\d+)"
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    # Unix socket paths are limited to 107 bytes: keep run directories short.
-    path = Path(tempfile.mkdtemp(prefix="nvo", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 async def boot(h: SimHost, name: str, **workload: int) -> VMService:
@@ -60,12 +48,6 @@ async def running_copies(a: SimHost, b: SimHost, name: str) -> list[str]:
         if h.driver.is_defined(name) and (await h.driver.status(name)).state is VMState.RUNNING:
             where.append(h.name)
     return where
-
-
-@pytest.fixture
-async def hosts(short_tmp: Path) -> AsyncIterator[tuple[SimHost, SimHost]]:
-    async with two_hosts(short_tmp) as pair:
-        yield pair
 
 
 async def test_direct_migration_moves_the_running_guest(hosts: tuple[SimHost, SimHost]) -> None:

@@ -5,33 +5,16 @@ vanishes mid-precopy (as a crashed agent's would) is settled by the host's recov
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
 from novacron.dwcp.mode import Mode
 from novacron.migration.context import MigrationRequest
 from novacron.migration.phases import Phase
-from test_migration_support import SimHost, two_hosts
+from test_migration_support import SimHost
 from test_orchestrator_qemu import assert_runs_once_intact, boot, guest_facts
 
 pytestmark = pytest.mark.qemu
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="nvr", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-async def hosts(short_tmp: Path) -> AsyncIterator[tuple[SimHost, SimHost]]:
-    async with two_hosts(short_tmp) as pair:
-        yield pair
 
 
 async def test_link_lost_after_completion_settles_to_commit(hosts: tuple[SimHost, SimHost]) -> None:

@@ -7,33 +7,15 @@ then resumed; the source read ``resumed`` and committed. The VM ran nowhere."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
-
 import pytest
 
 from novacron.migration.messages import Query, State
 from novacron.migration.phases import Phase
 from novacron.migration.records import MigrationRecord
 from novacron.migration.recovery import LivePhase, _ask, _close, answer_query, settle_source
-from test_migration_support import SimHost, two_hosts
+from test_migration_support import SimHost
 
 MID = "m1test"
-
-
-@pytest.fixture
-def short_tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="nvr", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-async def hosts(short_tmp: Path) -> AsyncIterator[tuple[SimHost, SimHost]]:
-    async with two_hosts(short_tmp) as pair:
-        yield pair
 
 
 async def _records(
