@@ -119,3 +119,34 @@ def test_cache_arena_is_reused_by_one_session_at_a_time() -> None:
     second.close()
     with pytest.raises(HdeConfigError):
         HdeEncoder(DefaultPageHasher(bytes(32)), HdeLimits(max_pages_per_batch=16), arena=arena)
+
+
+def test_arena_pool_lends_each_arena_once_and_keeps_at_most_keep() -> None:
+    from novacron.dwcp.encoding import ArenaPool, DefaultPageHasher, HdeEncoder, HdeLimits
+
+    limits = HdeLimits(max_pages_per_batch=16, session_cache_bytes=64 * PAGE_SIZE)
+    pool = ArenaPool(limits.session_pages, keep=2)
+    assert pool.warm_one() and pool.sizes == (1, 0)
+    a = pool.lend()
+    b = pool.lend()  # a second one, made lazily: below keep
+    assert a is not None and b is not None and a is not b
+    assert pool.lend() is None and pool.sizes == (2, 2)  # all lent: the session allocates its own
+    assert not pool.warm_one()  # full
+
+    enc = HdeEncoder(DefaultPageHasher(bytes(32)), limits, arena=a)
+    pool.give_back(a)
+    assert pool.lend() is None  # given back while its cache is still open: not lent again
+    enc.close()
+    assert pool.lend() is a
+    pool.give_back(a)
+    pool.give_back(b)
+    assert pool.sizes == (2, 0)
+
+
+def test_arena_pool_refuses_bad_sizes() -> None:
+    from novacron.dwcp.encoding import ArenaPool, HdeConfigError
+
+    with pytest.raises(HdeConfigError):
+        ArenaPool(0, keep=1)
+    with pytest.raises(HdeConfigError):
+        ArenaPool(16, keep=-1)

@@ -129,6 +129,8 @@ class MigrationSettings(_Section):
     capacity_mib: Annotated[int, Field(ge=64)] | None = None
     trust_source_paths: bool = True
     mode_warmup_s: Annotated[float, Field(gt=0, le=60)] = 0.5
+    # HDE session caches (512 MiB each) kept faulted-in between tunnelled migrations; 0: none kept.
+    warm_cache_arenas: Annotated[int, Field(ge=0, le=8)] = 1
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
 
 

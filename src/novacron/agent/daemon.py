@@ -44,7 +44,7 @@ from novacron.cluster.errors import NodeConflict
 from novacron.cluster.jointokens import JoinTokenStore
 from novacron.cluster.membership import Membership
 from novacron.cluster.registry import NodeRegistry
-from novacron.dwcp.encoding import BaselineStore, DefaultPageHasher
+from novacron.dwcp.encoding import ArenaPool, BaselineStore, DefaultPageHasher, HdeLimits
 from novacron.dwcp.transport import AmstListener, AmstSession
 from novacron.errors import NovacronError
 from novacron.migration.context import MigrationConfig, MigrationHost
@@ -92,6 +92,15 @@ def migration_config(cfg: AgentConfig) -> MigrationConfig:
         capacity_mib=m.capacity_mib,
         trust_source_paths=m.trust_source_paths,
     )
+
+
+async def _warm_arenas(pool: ArenaPool) -> None:
+    """Fault the kept HDE session caches in now, off the event loop, rather than during a migration."""
+    started = time.monotonic()
+    while await asyncio.to_thread(pool.warm_one):
+        pass
+    held, _ = pool.sizes
+    log_event(log, "agent.cache_arenas_warm", arenas=held, seconds=round(time.monotonic() - started, 2))
 
 
 def read_cluster_key(path: Path) -> bytes | None:
@@ -191,8 +200,16 @@ class Agent:
         if key is None:
             log_event(log, "agent.no_cluster_key", logging.WARNING, file=str(cfg.cluster_key_path),
                       effect="the HDE tunnel is off; internet mode uses the direct path")  # fmt: skip
+        arenas = None
+        if key is not None and cfg.migration.warm_cache_arenas:
+            arenas = ArenaPool(HdeLimits().session_pages, keep=cfg.migration.warm_cache_arenas)
+            self._spawn(_warm_arenas(arenas), "warm-arenas")
         paths = HostDataPaths(
-            host, cluster_key=key, baseline=baseline, corrupt_batch=cfg.testing.corrupt_hde_batch
+            host,
+            cluster_key=key,
+            baseline=baseline,
+            corrupt_batch=cfg.testing.corrupt_hde_batch,
+            arenas=arenas,
         )
         static = {
             node: Peer(node, *p.host_port, link_bps=p.link_mbit * 1e6 if p.link_mbit else None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from novacron.dwcp.encoding import BaselineStore
+from novacron.dwcp.encoding import ArenaPool, BaselineStore
 from novacron.dwcp.transport import AmstSession
 from novacron.migration.context import DataPathPlan, MigrationHost, PeerSession
 from novacron.migration.datapath import DataPathKind, DestinationDataPath, SourceDataPath
@@ -27,10 +27,12 @@ class HostDataPaths:
         cluster_key: bytes | None = None,
         baseline: BaselineStore | None = None,
         corrupt_batch: int | None = None,
+        arenas: ArenaPool | None = None,
     ) -> None:
         self.host = host
         self.cluster_key = cluster_key
         self.baseline = baseline
+        self.arenas = arenas  # warm HDE session caches, lent to one tunnel each
         self.corrupt_batch = corrupt_batch  # fault injection for tests: corrupt this HDE batch
 
     def kinds(self) -> frozenset[DataPathKind]:
@@ -82,6 +84,7 @@ class HostDataPaths:
             bandwidth=amst_bandwidth(amst),
             rtt=amst_rtt(amst),
             corrupt_batch=self.corrupt_batch,
+            arenas=self.arenas,
         )
 
     def destination(
@@ -105,4 +108,5 @@ class HostDataPaths:
             settings=self._tunnel_settings(plan),
             passthrough=plan.kind is DataPathKind.PASSTHROUGH,
             baseline=self.baseline,
+            arenas=self.arenas,
         )

@@ -634,6 +634,9 @@ class SourceMigration(MigrationRun):
             stats = self.path.stats()
             if stats.transport_bytes:
                 self.progress = self.progress.model_copy(update={"bytes_wire": stats.transport_bytes})
+            if stats.codec_batches:  # what HDE's cost model chose, and what it cost
+                codecs = ", ".join(f"{name} {n}" for name, n in sorted(stats.codec_batches.items()))
+                await self.note(f"HDE batches: {codecs}; encoding took {stats.encode_seconds:.1f} s")
         await self.enter(Phase.DONE, outcome="done", owner_epoch=owner.epoch, progress=self.progress)
         log_event(
             log, "migration.done", downtime_ms=downtime, bytes_wire=self.progress.bytes_wire, **self.ctx()

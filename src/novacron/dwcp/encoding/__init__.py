@@ -25,12 +25,13 @@ from novacron.dwcp.encoding.errors import (
 )
 from novacron.dwcp.encoding.hashing import DefaultPageHasher, PageHasher
 from novacron.dwcp.encoding.limits import PAGE_SIZE, HdeLimits
-from novacron.dwcp.encoding.session_cache import CacheArena
+from novacron.dwcp.encoding.session_cache import ArenaPool, CacheArena
 from novacron.dwcp.encoding.summary import BaselineSummary, BaselineView
 from novacron.dwcp.encoding.wire import PageKind
 
 __all__ = [
     "PAGE_SIZE",
+    "ArenaPool",
     "BaselineLimits",
     "BaselineSession",
     "BaselineStore",

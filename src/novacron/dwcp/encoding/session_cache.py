@@ -15,6 +15,7 @@ object.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -50,6 +51,68 @@ class CacheArena:
     @property
     def capacity(self) -> int:
         return int(self.slab.shape[0])
+
+
+class ArenaPool:
+    """The cache arenas an agent keeps between migrations: at most ``keep``, each lent to one session.
+
+    Measured on a 100 Mbit/s tunnelled migration: without kept arenas, faulting in each session's
+    fresh cache (kernel page clearing in the encoder and decoder threads) took ~7 % of the host's CPU
+    and half the encoder thread's time on a back-migration. :meth:`warm_one` prefaults an arena off
+    the event loop (the agent calls it at start); :meth:`lend` hands out a free one (or a new, lazily
+    faulted one while fewer than ``keep`` exist), None when all are lent: the session then allocates
+    its own cache as before. Thread-safe: warming runs in a worker thread.
+    """
+
+    def __init__(self, capacity_pages: int, keep: int) -> None:
+        if capacity_pages < 1 or keep < 0:
+            raise HdeConfigError("bad arena pool size", capacity_pages=capacity_pages, keep=keep)
+        self.capacity_pages = capacity_pages
+        self.keep = keep
+        self._arenas: list[CacheArena] = []
+        self._lent: set[int] = set()  # id() of arenas lent out
+        self._pending = 0  # arenas being prefaulted (counted against ``keep``)
+        self._lock = threading.Lock()
+
+    def warm_one(self) -> bool:
+        """Create one prefaulted arena if the pool is below ``keep`` (slow: call it off the loop)."""
+        with self._lock:
+            if len(self._arenas) + self._pending >= self.keep:
+                return False
+            self._pending += 1
+        try:
+            arena = CacheArena(self.capacity_pages, prefault=True)
+        finally:
+            with self._lock:
+                self._pending -= 1
+        with self._lock:
+            self._arenas.append(arena)
+        return True
+
+    def lend(self) -> CacheArena | None:
+        with self._lock:
+            for arena in self._arenas:
+                if id(arena) not in self._lent and not arena.in_use:
+                    self._lent.add(id(arena))
+                    return arena
+            if len(self._arenas) + self._pending < self.keep:
+                arena = CacheArena(self.capacity_pages, prefault=False)
+                self._arenas.append(arena)
+                self._lent.add(id(arena))
+                return arena
+        return None
+
+    def give_back(self, arena: CacheArena | None) -> None:
+        """The borrower is done (its cache closed; an arena still in use stays unavailable)."""
+        if arena is not None:
+            with self._lock:
+                self._lent.discard(id(arena))
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """(arenas held, arenas lent)."""
+        with self._lock:
+            return len(self._arenas), len(self._lent)
 
 
 class SessionPageCache:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from novacron.dwcp.encoding import BaselineStore, CacheArena, HdeDecodeError
+from novacron.dwcp.encoding import ArenaPool, BaselineStore, CacheArena, HdeDecodeError
 from novacron.dwcp.transport import TransportError
 from novacron.migration.datapath import (
     CHANNEL_QEMU_MAIN,
@@ -132,6 +132,7 @@ class DestinationTunnel:
         limits: TunnelLimits | None = None,
         baseline: BaselineStore | None = None,
         arena: CacheArena | None = None,
+        arenas: ArenaPool | None = None,
         max_session_cache_bytes: int = DEFAULT_MAX_SESSION_CACHE,
     ) -> None:
         self.settings = settings
@@ -141,7 +142,9 @@ class DestinationTunnel:
         self._acceptor = channels
         self._workdir = workdir
         self._store = baseline
-        self._arena = arena
+        # A kept (warm) session cache from the host's pool, given back at close.
+        self._arenas = arenas if arena is None and not passthrough else None
+        self._arena = arena if self._arenas is None else self._arenas.lend()
         self._max_cache = max_session_cache_bytes
         self._tasks = TaskGroup(f"tunnel-dst-{vm}", self._fail, log)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hde-dec-{vm}")
@@ -250,6 +253,8 @@ class DestinationTunnel:
         if ok and self._store is not None and dec is not None and dec.hde is not None:
             self._recorded = await record_copy(self._store, self.vm, dec.hde.session_pages())
         await self._shutdown(None)
+        if self._arenas is not None:
+            self._arenas.give_back(self._arena)
         self._closed = True
 
     # ------------------------------------------------------------------------------------ failures

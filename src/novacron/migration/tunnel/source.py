@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from novacron.dwcp.encoding import (
+    ArenaPool,
     BaselineStore,
     BaselineSummary,
     BaselineView,
@@ -135,6 +136,7 @@ class SourceTunnel:
         rtt: Callable[[], float | None] | None = None,
         pacing: PacingConfig | None = None,
         arena: CacheArena | None = None,
+        arenas: ArenaPool | None = None,
         compress_main: bool = True,
         corrupt_batch: int | None = None,
     ) -> None:
@@ -155,7 +157,9 @@ class SourceTunnel:
         self._pacer = Pacer(self.limits, pacing)
         self._merged_pending = 0  # an event taken from the queue and not yet sent
         self._acked_wire = 0
-        self._arena = arena
+        # A kept (warm) session cache from the host's pool, given back at close.
+        self._arenas = arenas if arena is None and not passthrough else None
+        self._arena = arena if self._arenas is None else self._arenas.lend()
         self._compress_main = compress_main
         self._corrupt_batch = corrupt_batch
         self._tasks = TaskGroup(f"tunnel-src-{vm}", self._fail, log)
@@ -327,6 +331,8 @@ class SourceTunnel:
         await self._shutdown(None)
         if self._enc is not None:
             self._enc.hde.close()
+        if self._arenas is not None:
+            self._arenas.give_back(self._arena)
         self._closed = True
 
     # ------------------------------------------------------------------------------------ failures
