@@ -125,8 +125,7 @@ class HdeEncoder:
         p64 = pages.view(np.uint64)
         n = batch.count
         zero = np.logical_not(p64.any(axis=1))
-        nonzero = ~zero
-        nz_rows = np.flatnonzero(nonzero)
+        nz_rows = np.flatnonzero(~zero)
         # Hash every row in place (a zero page costs less to hash than gathering the others would).
         fps = self.hasher.fingerprints(pages) if nz_rows.shape[0] else np.zeros(n, dtype=np.uint64)
         block = self._cache.block_id(batch.block)

@@ -435,12 +435,10 @@ class StreamCountController:
 
     def _loss_disproves_one_stream(self) -> bool:
         """One stream was trusted to fill the path, but the path loss measured since says otherwise."""
+        if self._floor >= self._c.bounds[self._mode][0]:
+            return False  # the usual case: no median to take
         loss = self._path_loss.ratio()
-        return (
-            self._floor < self._c.bounds[self._mode][0]
-            and loss is not None
-            and not one_stream_fills(self._c, self._rtt_s, self._planned_bps, loss)
-        )
+        return loss is not None and not one_stream_fills(self._c, self._rtt_s, self._planned_bps, loss)
 
     def _raise_to_floor(self, now: float) -> StreamCountChange | None:
         self._hold_s = self._c.hold_s

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from novacron.dwcp.encoding import ArenaPool, BaselineStore, CacheArena, HdeDecodeError
+from novacron.dwcp.encoding import ArenaPool, BaselineStore, HdeDecodeError
 from novacron.dwcp.transport import TransportError
 from novacron.migration.datapath import (
     CHANNEL_QEMU_MAIN,
@@ -131,7 +131,6 @@ class DestinationTunnel:
         passthrough: bool = False,
         limits: TunnelLimits | None = None,
         baseline: BaselineStore | None = None,
-        arena: CacheArena | None = None,
         arenas: ArenaPool | None = None,
         max_session_cache_bytes: int = DEFAULT_MAX_SESSION_CACHE,
     ) -> None:
@@ -143,8 +142,8 @@ class DestinationTunnel:
         self._workdir = workdir
         self._store = baseline
         # A kept (warm) session cache from the host's pool, given back at close.
-        self._arenas = arenas if arena is None and not passthrough else None
-        self._arena = arena if self._arenas is None else self._arenas.lend()
+        self._arenas = None if passthrough else arenas
+        self._arena = self._arenas.lend() if self._arenas is not None else None
         self._max_cache = max_session_cache_bytes
         self._tasks = TaskGroup(f"tunnel-dst-{vm}", self._fail, log)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hde-dec-{vm}")

@@ -32,7 +32,6 @@ from novacron.dwcp.encoding import (
     BaselineStore,
     BaselineSummary,
     BaselineView,
-    CacheArena,
     CostModelConfig,
     DefaultPageHasher,
     HdeDecodeError,
@@ -135,7 +134,6 @@ class SourceTunnel:
         bandwidth: Callable[[], float | None] | None = None,
         rtt: Callable[[], float | None] | None = None,
         pacing: PacingConfig | None = None,
-        arena: CacheArena | None = None,
         arenas: ArenaPool | None = None,
         compress_main: bool = True,
         corrupt_batch: int | None = None,
@@ -158,8 +156,8 @@ class SourceTunnel:
         self._merged_pending = 0  # an event taken from the queue and not yet sent
         self._acked_wire = 0
         # A kept (warm) session cache from the host's pool, given back at close.
-        self._arenas = arenas if arena is None and not passthrough else None
-        self._arena = arena if self._arenas is None else self._arenas.lend()
+        self._arenas = None if passthrough else arenas
+        self._arena = self._arenas.lend() if self._arenas is not None else None
         self._compress_main = compress_main
         self._corrupt_batch = corrupt_batch
         self._tasks = TaskGroup(f"tunnel-src-{vm}", self._fail, log)
