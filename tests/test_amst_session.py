@@ -7,10 +7,11 @@ import hashlib
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
+from novacron.agent.peers import AmstPeerSession, session_options
 from novacron.dwcp.handshake import HandshakeTimeouts
 from novacron.dwcp.negotiation import Capabilities
 from novacron.dwcp.transport import (
@@ -329,6 +330,29 @@ async def test_the_controller_grows_the_session_from_one_stream(
         await until(p.client, lambda: p.client.streams == p.client.target_streams >= 2)
         await until(p.server, lambda: p.server.streams == p.client.streams)
         assert p.server.streams == p.client.streams
+    finally:
+        p.client.abort("test over")
+        await p.listener.close()
+
+
+async def test_a_migration_plan_reads_the_kernel_rtt_instead_of_waiting_for_the_sample_timer(
+    tls_pair: tuple[TlsConfig, TlsConfig],
+) -> None:
+    """``wait_mode`` reads every stream's TCP_INFO at once: with the sample timer 30 s away, it still
+    answers within the startup pings (it used to sleep until that timer, 0.5 s by default)."""
+    options = replace(session_options(warmup_s=5.0), config=AmstConfig(sample_interval_s=30.0), streams=2)
+    p = await make_pair(tls_pair, options)
+    try:
+        await streams_up(p, 2)
+        detector = p.client.monitor.detector
+        before = detector.metrics.rtt_samples
+        peer = AmstPeerSession(p.client, p.client.open_channel("control"), peer="dst")
+        async with asyncio.timeout(10):
+            mode = await peer.wait_mode(20.0)
+        assert mode is not None
+        assert p.client.monitor.last_sample is None  # answered before the first sample
+        assert detector.metrics.rtt_samples >= before + 2  # one kernel reading per stream
+        assert p.client.read_kernel_rtt() == 2
     finally:
         p.client.abort("test over")
         await p.listener.close()

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from novacron.dwcp.encoding import (
-    PAGE_SIZE,
     BaselineLimits,
     BaselineStore,
+    BaselineStoreError,
     BaselineSummary,
     BaselineView,
     DefaultPageHasher,
@@ -79,6 +80,42 @@ def test_changed_pages_go_as_deltas_against_the_receivers_copy(tmp_path: Path) -
     sender.close()
 
 
+class CountingHasher(DefaultPageHasher):
+    def __init__(self) -> None:
+        super().__init__(KEY)
+        self.tagged = 0
+
+    def tags(self, pages: np.ndarray) -> np.ndarray:
+        self.tagged += pages.shape[0]
+        return super().tags(pages)
+
+
+def test_sender_holding_the_same_copy_compares_bytes_not_tags(tmp_path: Path) -> None:
+    """Unchanged pages are found by comparing bytes with the sender's own copy (no keyed hash of each
+    page); pages its copy lacks or holds differently are still decided by their tags."""
+    old = vm_memory(11)
+    new = old.copy()
+    new[::10, 100:164] = 5
+    receiver = BaselineStore(tmp_path / "receiver", HASHER)
+    sender = BaselineStore(tmp_path / "sender", HASHER)
+    receiver.add_batch("vm1", batch("pc.ram", range(old.shape[0]), old))
+    differs = old.copy()
+    differs[3::16, :8] = 77  # where the sender's copy is not the receiver's: tags must decide
+    sender.add_batch("vm1", batch("pc.ram", range(old.shape[0]), differs))
+    hasher = CountingHasher()
+    enc = HdeEncoder(
+        hasher, LIM, baseline=BaselineView(receiver.summary("vm1")), peer_copy=sender.session("vm1")
+    )
+    send(enc, HdeDecoder(LIM, baseline=receiver.session("vm1")), new)
+    unchanged = (new == old).all(axis=1) & old.any(axis=1)
+    assert enc.stats.pages_by_kind[PageKind.BASE_SAME_ADDR] == int(unchanged.sum())
+    not_same_copy = np.zeros(old.shape[0], dtype=bool)
+    not_same_copy[3::16] = True
+    assert hasher.tagged == int((not_same_copy & old.any(axis=1)).sum())
+    receiver.close()
+    sender.close()
+
+
 def test_sibling_content_is_referenced_with_tags(tmp_path: Path) -> None:
     sibling = vm_memory(2)
     mine = sibling.copy()
@@ -111,18 +148,16 @@ def test_store_persists_dedups_and_keeps_its_index_small(tmp_path: Path) -> None
         assert np.array_equal(got, pages[nonzero])
 
 
-def test_memory_pressure_lowers_the_budget_instead_of_failing(tmp_path: Path) -> None:
-    limits = BaselineLimits(memory_budget_bytes=4 << 20, min_memory_budget_bytes=64 * PAGE_SIZE)
+def test_reads_come_from_disk_after_reopening_and_reject_unknown_records(tmp_path: Path) -> None:
     pages = vm_memory(5, 2048)
-    with BaselineStore(tmp_path, HASHER, limits) as store:
+    with BaselineStore(tmp_path, HASHER) as store:
         store.add_batch("vm", batch("pc.ram", range(2048), pages))
-        assert store.adapt_to_memory(1 << 30) == 4 << 20
-        assert store.adapt_to_memory(1 << 20) == 64 * PAGE_SIZE  # floor, not zero
-        # Still fully usable with a cache far smaller than the data (pages come from disk).
+    with BaselineStore(tmp_path, HASHER) as store:
         nonzero = np.flatnonzero(pages.any(axis=1)).astype(np.uint64)
-        for _ in range(2):
-            got = store.session("vm").same_address("pc.ram", nonzero, seq=0)
-            assert np.array_equal(got, pages[nonzero.astype(np.int64)])
+        got = store.session("vm").same_address("pc.ram", nonzero, seq=0)
+        assert np.array_equal(got, pages[nonzero.astype(np.int64)])
+        with pytest.raises(BaselineStoreError):
+            store.read(np.array([store.records], dtype=np.int32))
 
 
 def test_store_respects_its_record_limit(tmp_path: Path) -> None:

@@ -161,6 +161,9 @@ class AmstPeerSession:
         loop = self._loop
         deadline = loop.time() + timeout_s
         detector, monitor = self.amst.monitor.detector, self.amst.monitor
+        # The kernel's RTT of every stream now, rather than at the transport's first sample timer
+        # (up to ``sample_interval_s`` away): it was half a second of every migration's prepare.
+        kernel_read = bool(monitor.last_sample is not None or detector.decided or self.amst.read_kernel_rtt())
         if detector.verdict_so_far(loop.time()) is None:
             ready = asyncio.Event()
 
@@ -174,9 +177,9 @@ class AmstPeerSession:
                     await asyncio.wait_for(ready.wait(), max(deadline - loop.time(), 0.0))
             finally:
                 unwatch()
-        if monitor.last_sample is None and not detector.decided:
-            # The transport's first sample (TCP_INFO of every stream) is due at its timer; the
-            # session runs that timer itself, so waiting past it is enough (bounded by the deadline).
+        if not kernel_read and monitor.last_sample is None and not detector.decided:
+            # No stream to read yet: the first sample is due at the timer, which the session runs
+            # itself; waiting past it is enough (bounded by the deadline).
             due = min(monitor.get_timer() + TRANSPORT_SAMPLE_SLACK_S, deadline)
             await asyncio.sleep(max(due - loop.time(), 0.0))
         return detector.verdict_so_far(loop.time())

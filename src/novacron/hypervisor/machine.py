@@ -14,7 +14,7 @@ from novacron.hypervisor.errors import HypervisorError, SpecError
 QUERY_TIMEOUT_S = 30.0
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=4)  # a binary's machine list is fixed (resolve_machine assumes it too); a spawn is 30+ ms
 def machine_types(qemu_binary: str) -> dict[str, str]:
     """Every machine type this QEMU knows, mapped to what it resolves to (itself unless an alias)."""
     try:

@@ -218,7 +218,7 @@ class HdeEncoder:
             has, their = view.copy_tags(block_name, index[rows])
             if has.any():
                 r = rows[has]
-                eq = (self.hasher.tags(pages[r]) == their).all(axis=1)
+                eq = self._same_as_their_copy(block_name, index[r], pages[r], their)
                 kinds[r[eq]] = PageKind.BASE_SAME_ADDR
                 pending[r[eq]] = False
                 copy_rows, copy_tags = r[~eq], their[~eq]
@@ -264,6 +264,34 @@ class HdeEncoder:
             )
         plan.fps = fps
         return plan
+
+    def _same_as_their_copy(
+        self,
+        block_name: str,
+        index: npt.NDArray[np.uint64],
+        pages: npt.NDArray[np.uint8],
+        their: npt.NDArray[np.uint8],
+    ) -> npt.NDArray[np.bool_]:
+        """Whether each page equals the receiver's copy at its address (``their`` tags).
+
+        Where this side holds the very same copy (its stored tag equals theirs), comparing the bytes
+        with it is exact and ~10x cheaper than the page's keyed tag (BLAKE3, 3-6 us a page: most of a
+        back-migration's encoding); elsewhere the tag decides.
+        """
+        n = index.shape[0]
+        eq = np.zeros(n, dtype=bool)
+        by_tag = np.ones(n, dtype=bool)
+        if self.peer_copy is not None:
+            has, mine, my_tags = self.peer_copy.copy_pages(block_name, index)
+            held = np.flatnonzero(has)
+            same_copy = (my_tags == their[held]).all(axis=1)
+            rows = held[same_copy]
+            eq[rows] = (pages[rows].view(np.uint64) == mine[same_copy].view(np.uint64)).all(axis=1)
+            by_tag[rows] = False
+        rows = np.flatnonzero(by_tag)
+        if rows.shape[0]:
+            eq[rows] = (self.hasher.tags(pages[rows]) == their[rows]).all(axis=1)
+        return eq
 
     def _plan_base_delta(
         self,

@@ -597,6 +597,22 @@ class AmstSession:
             self._sample(now)
         self._after_core()
 
+    def read_kernel_rtt(self) -> int:
+        """Feed every stream's ``TCP_INFO`` to the monitor now (its RTT and retransmissions), without
+        a goodput sample; returns the streams read. For a one-off decision that should not wait for
+        the sample timer (up to ``sample_interval_s``)."""
+        if self._closed:
+            return 0
+        now, read = self._loop.time(), 0
+        for r in list(self._runners.values()):
+            sock = stream_socket(r.stream)
+            info = read_socket_tcp_info(sock) if sock is not None else None
+            if info is not None:
+                self._monitor.observe_tcp_info(r.index, info, now)
+                read += 1
+        self._after_core()  # a reading can decide the mode: act on it as after the timer
+        return read
+
     def _sample(self, now: float) -> None:
         core, monitor = self._core, self._monitor
         for r in list(self._runners.values()):
