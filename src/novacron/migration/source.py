@@ -484,6 +484,9 @@ class SourceMigration(MigrationRun):
         for action in actions:
             if isinstance(action, SetParameters):
                 await monitor.set_parameters(action.parameters)
+                log_event(
+                    log, "migration.steered", logging.DEBUG, vm=self.vm, why=action.why, **action.parameters
+                )
                 if not action.routine:
                     await self.note(action.why)
             elif isinstance(action, StartPostcopy):
