@@ -283,6 +283,65 @@ async def test_destination_qemu_going_away_fails_the_path(
     await asyncio.gather(src.abort("test"), dst.abort("test"), src.close(), dst.close())
 
 
+async def test_qemu_closing_a_channel_before_its_last_packet_is_its_normal_end(
+    sessions: tuple[AmstSession, AmstSession], tmp_path: Path
+) -> None:
+    """A destination QEMU whose incoming migration completed closes its multifd connections, and the
+    source QEMU's last packet on one (QEMU 7.2 sends a pageless one after the final SYNC) can come
+    after that: the write fails, yet the channel's END shows those were its last bytes, so the path
+    ends cleanly. (A close before other bytes still fails it: the test above.)"""
+    streams = _streams(_memory(800))
+    tails = {}
+    for c, data in streams.items():
+        last = [e for e in MultifdParser().feed(data) if isinstance(e, MultifdPacket)][-1]
+        tails[c] = last.wire_size
+    src_session, dst_session = sessions
+    dst = DestinationTunnel(ChannelRouter(dst_session), vm="vm1", workdir=tmp_path / "dst", settings=SETTINGS)
+    uri_in = await dst.start()
+    closed = 0
+    all_closed = asyncio.Event()
+    main_got = bytearray()
+
+    async def on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal closed
+        head = await reader.readexactly(25)
+        if head.startswith(MAIN[:4]):
+            main_got.extend(head)
+            while data := await reader.read(1 << 20):
+                main_got.extend(data)
+            writer.close()
+            return
+        channel = head[24]  # MultiFDInit: magic, version, uuid (16 bytes), then the channel id
+        await reader.readexactly(len(streams[channel]) - tails[channel] - len(head))
+        writer.transport.abort()  # completed: QEMU drops the connection, the last packet unread
+        closed += 1
+        if closed == len(streams):
+            all_closed.set()
+
+    server = await asyncio.start_unix_server(on, path=uri_in.removeprefix("unix:"))
+    src = SourceTunnel(
+        src_session, vm="vm1", workdir=tmp_path / "src", settings=SETTINGS, cluster_key=KEY,
+        limits=TunnelLimits(finish_timeout_s=20),
+    )  # fmt: skip
+    uri_out = await src.start(dst.summary())
+    path = uri_out.removeprefix("unix:")
+    _, mw = await asyncio.open_unix_connection(path)
+    conns = [(await asyncio.open_unix_connection(path))[1] for _ in streams]
+    mw.write(MAIN)
+    for c, w in zip(streams, conns, strict=True):
+        w.write(streams[c][: -tails[c]])
+    await asyncio.wait_for(all_closed.wait(), 20)
+    for c, w in zip(streams, conns, strict=True):
+        w.write(streams[c][-tails[c] :])  # the last packets, after QEMU closed
+        w.close()
+    mw.close()
+    await asyncio.wait_for(asyncio.gather(src.finish(), dst.finish()), 20)
+    assert bytes(main_got) == MAIN
+    assert src.stats().error is None and dst.stats().error is None
+    server.close()
+    await asyncio.gather(src.close(), dst.close())
+
+
 # ------------------------------------------------------------------------------- merge order (barrier)
 
 

@@ -103,6 +103,7 @@ class QemuSink:
     raw: asyncio.Future[DataChannel] | None = None  # set while the channel's rest is relayed raw
     diverted: bool = False
     done: bool = False
+    closed_at: int | None = None  # QEMU closed the connection; bytes of it written or refused by then
     signal: Signal = field(default_factory=Signal)
 
     async def put(self, parts: tuple[bytes | memoryview, ...], failed: asyncio.Event) -> None:
@@ -339,11 +340,25 @@ class DestinationTunnel:
             )
             self._check()
             if sink.parts:
+                if sink.closed_at is not None:
+                    raise TunnelError(
+                        "the destination QEMU closed a migration connection before all of it arrived",
+                        vm=self.vm,
+                        channel=sink.name,
+                        closed_at=sink.closed_at,
+                    )
                 batch = list(sink.parts)
                 sink.parts.clear()
                 size = sum(len(p) for p in batch)
                 writer.writelines(batch)
-                await writer.drain()
+                try:
+                    await writer.drain()
+                except (ConnectionResetError, BrokenPipeError):
+                    # QEMU closes its multifd connections as soon as its incoming migration completed,
+                    # and the source QEMU's last packet on one (no pages, after the final SYNC) can
+                    # come later. Only the channel's END tells that end from a failure: were these
+                    # its last bytes? (Counted as written so the source's acknowledgements settle.)
+                    sink.closed_at = sink.written + size
                 sink.queued -= size
                 sink.written += size
                 sink.signal.notify()
@@ -370,7 +385,10 @@ class DestinationTunnel:
                         written=sink.written,
                         expected=sink.expected,
                     )
-                if writer.can_write_eof():
+                if sink.closed_at is not None:
+                    log_event(log, "tunnel.destination.closed_at_end", vm=self.vm, channel=sink.name,
+                              bytes=sink.written)  # fmt: skip
+                elif writer.can_write_eof():
                     writer.write_eof()
                 sink.done = True
                 self._signal.notify()
