@@ -287,7 +287,7 @@ class BaselineStore:
 
     # -- memory -------------------------------------------------------------------------------------------
     def index_bytes(self) -> int:
-        """Bytes of the in-memory index (fingerprints, record numbers, copy maps); not the hot cache."""
+        """Bytes of the in-memory index: fingerprints, record numbers, copy maps (pages stay in pages.dat)."""
         copies = sum(i.nbytes + r.nbytes for blocks in self._copies.values() for i, r in blocks.values())
         sorted_fps, sorted_rec = self._index
         return int(sorted_fps.nbytes + sorted_rec.nbytes + copies)
