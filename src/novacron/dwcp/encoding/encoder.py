@@ -211,17 +211,19 @@ class HdeEncoder:
             pending[d[eq]] = False
 
         view = self.baseline
-        copy_rows = np.zeros(0, dtype=np.int64)  # rows whose address the receiver's copy holds, changed
-        copy_tags = np.zeros((0, 16), dtype=np.uint8)
+        # Changed rows whose copy the receiver and this side both hold, and that copy's pages.
+        copy_rows = np.zeros(0, dtype=np.int64)
+        copy_base = np.zeros((0, PAGE_SIZE), dtype=np.uint8)
         if view is not None:
             rows = np.flatnonzero(pending)
             has, their = view.copy_tags(block_name, index[rows])
             if has.any():
                 r = rows[has]
-                eq = self._same_as_their_copy(block_name, index[r], pages[r], their)
+                eq, held, mine = self._same_as_their_copy(block_name, index[r], pages[r], their)
                 kinds[r[eq]] = PageKind.BASE_SAME_ADDR
                 pending[r[eq]] = False
-                copy_rows, copy_tags = r[~eq], their[~eq]
+                changed = ~eq[held]
+                copy_rows, copy_base = r[held[changed]], mine[changed]
 
         rows = np.flatnonzero(pending)
         if rows.shape[0]:
@@ -250,17 +252,9 @@ class HdeEncoder:
             if ok.any():
                 plan.delta = sparse.encode(pages[rows], analysis, np.flatnonzero(ok))
                 kinds[rows[ok]] = PageKind.DELTA
-        if self.peer_copy is not None and copy_rows.shape[0]:
+        if copy_rows.shape[0]:
             self._plan_base_delta(
-                self.peer_copy,
-                plan=plan,
-                block_name=block_name,
-                index=index,
-                pages=pages,
-                pending=pending,
-                slots=slots,
-                copy_rows=copy_rows,
-                copy_tags=copy_tags,
+                plan, pages=pages, pending=pending, slots=slots, copy_rows=copy_rows, copy_base=copy_base
             )
         plan.fps = fps
         return plan
@@ -271,49 +265,46 @@ class HdeEncoder:
         index: npt.NDArray[np.uint64],
         pages: npt.NDArray[np.uint8],
         their: npt.NDArray[np.uint8],
-    ) -> npt.NDArray[np.bool_]:
-        """Whether each page equals the receiver's copy at its address (``their`` tags).
+    ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.int64], npt.NDArray[np.uint8]]:
+        """(eq, held, mine): whether each page equals the receiver's copy at its address (``their``
+        tags); the rows where this side holds that very copy (its stored tag equals theirs), and
+        those pages of it (the base for a delta where the page changed).
 
-        Where this side holds the very same copy (its stored tag equals theirs), comparing the bytes
-        with it is exact and ~10x cheaper than the page's keyed tag (BLAKE3, 3-6 us a page: most of a
-        back-migration's encoding); elsewhere the tag decides.
+        Where this side holds the copy, comparing the bytes with it is exact and ~10x cheaper than
+        the page's keyed tag (BLAKE3, 3-6 us a page: most of a back-migration's encoding); elsewhere
+        the tag decides.
         """
         n = index.shape[0]
         eq = np.zeros(n, dtype=bool)
-        by_tag = np.ones(n, dtype=bool)
+        held = np.zeros(0, dtype=np.int64)
+        mine = np.zeros((0, PAGE_SIZE), dtype=np.uint8)
         if self.peer_copy is not None:
-            has, mine, my_tags = self.peer_copy.copy_pages(block_name, index)
-            held = np.flatnonzero(has)
-            same_copy = (my_tags == their[held]).all(axis=1)
-            rows = held[same_copy]
-            eq[rows] = (pages[rows].view(np.uint64) == mine[same_copy].view(np.uint64)).all(axis=1)
-            by_tag[rows] = False
+            has, copy, my_tags = self.peer_copy.copy_pages(block_name, index)
+            rows = np.flatnonzero(has)
+            same_copy = (my_tags == their[rows]).all(axis=1)
+            held, mine = rows[same_copy], copy[same_copy]
+            eq[held] = (pages[held].view(np.uint64) == mine.view(np.uint64)).all(axis=1)
+        by_tag = np.ones(n, dtype=bool)
+        by_tag[held] = False
         rows = np.flatnonzero(by_tag)
         if rows.shape[0]:
             eq[rows] = (self.hasher.tags(pages[rows]) == their[rows]).all(axis=1)
-        return eq
+        return eq, held, mine
 
     def _plan_base_delta(
         self,
-        peer_copy: BaselineSession,
-        *,
         plan: _Plan,
-        block_name: str,
-        index: npt.NDArray[np.uint64],
+        *,
         pages: npt.NDArray[np.uint8],
         pending: npt.NDArray[np.bool_],
         slots: npt.NDArray[np.int32],
         copy_rows: npt.NDArray[np.int64],
-        copy_tags: npt.NDArray[np.uint8],
+        copy_base: npt.NDArray[np.uint8],
     ) -> None:
-        """Delta against the receiver's copy, where this side holds the very same copy (equal tags)."""
+        """Delta against the receiver's copy, where this side holds the very same copy (``copy_base``,
+        read once by :meth:`_same_as_their_copy`)."""
         still = pending[copy_rows] & (slots[copy_rows] < 0) & (plan.kinds[copy_rows] == PageKind.LITERAL)
-        rows, their = copy_rows[still], copy_tags[still]
-        if rows.shape[0] == 0:
-            return
-        has, mine, my_tags = peer_copy.copy_pages(block_name, index[rows])
-        same = (my_tags == their[has]).all(axis=1)
-        rows, base = rows[has][same], mine[same]
+        rows, base = copy_rows[still], copy_base[still]
         if rows.shape[0] == 0:
             return
         analysis = sparse.analyse(pages[rows], base, self.limits.delta_merge_gap)
