@@ -603,23 +603,24 @@ class AmstSession:
         the sample timer (up to ``sample_interval_s``)."""
         if self._closed:
             return 0
-        now, read = self._loop.time(), 0
+        read = self._observe_tcp_info(self._loop.time())
+        self._after_core()  # a reading can decide the mode: act on it as after the timer
+        return read
+
+    def _observe_tcp_info(self, now: float) -> int:
+        """Every stream's ``TCP_INFO`` to the monitor; returns how many streams could be read."""
+        read = 0
         for r in list(self._runners.values()):
             sock = stream_socket(r.stream)
             info = read_socket_tcp_info(sock) if sock is not None else None
             if info is not None:
                 self._monitor.observe_tcp_info(r.index, info, now)
                 read += 1
-        self._after_core()  # a reading can decide the mode: act on it as after the timer
         return read
 
     def _sample(self, now: float) -> None:
         core, monitor = self._core, self._monitor
-        for r in list(self._runners.values()):
-            sock = stream_socket(r.stream)
-            info = read_socket_tcp_info(sock) if sock is not None else None
-            if info is not None:
-                monitor.observe_tcp_info(r.index, info, now)
+        self._observe_tcp_info(now)
         app_limited, window_limited = core.take_limit_flags()
         c = core.counters
         sample = monitor.handle_timer(
