@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from novacron.agent.allocator import tune_allocator
 from novacron.agent.config import load_config
 from novacron.agent.daemon import read_cluster_key, run_agent, write_cluster_key
 from novacron.cli.output import console, emit_json, run_command
@@ -32,6 +33,7 @@ def run(config: ConfigOpt) -> None:
         # Everything that picks a default directory (paths.state_dir) agrees with the agent's.
         os.environ["NOVACRON_STATE_DIR"] = str(cfg.state_dir)
         configure(LEVELS[cfg.log_level], json_output=cfg.log_json)
+        tune_allocator()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
