@@ -7,7 +7,7 @@ repairs of missing baseline references, corrupted batches and malformed records,
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from novacron.dwcp.encoding import (
     HdeDecodeError,
     HdeEncoder,
     HdeLimits,
+    PageBatch,
 )
 from novacron.migration.tunnel.barrier import SyncBarrier
 from novacron.migration.tunnel.errors import RecordError
@@ -315,6 +316,28 @@ def test_barrier_parks_channels_until_the_round_is_complete() -> None:
 
 
 # ------------------------------------------------------------------------------------- baseline copy
+
+
+async def test_recording_a_copy_runs_off_the_event_loop(tmp_path: Path) -> None:
+    """Recording hashes and writes every page (seconds for a large guest): the agent's event loop,
+    which serves the host's other migrations and its API, must not do that work itself."""
+    import threading
+
+    from novacron.migration.tunnel.baseline import record_copy
+
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+
+    def batches() -> Iterator[PageBatch]:
+        for i in range(3):
+            seen.append(threading.get_ident())
+            yield PageBatch("pc.ram", np.array([i * PAGE_SIZE], dtype=np.uint64), _page(i + 1))
+
+    store = BaselineStore(tmp_path / "store", DefaultPageHasher(KEY))
+    assert await record_copy(store, "vm", batches()) == 3
+    assert seen and loop_thread not in seen
+    assert store.summary("vm").copy["pc.ram"].index.tolist() == [0, 1, 2]
+    store.close()
 
 
 async def test_both_sides_record_the_same_copy_of_what_crossed(tmp_path: Path) -> None:

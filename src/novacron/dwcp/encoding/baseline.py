@@ -208,9 +208,10 @@ class BaselineStore:
         rec_of_key = np.full(first.shape[0], -1, dtype=np.int32)
         rec_of_key[order] = np.arange(base, base + order.shape[0], dtype=np.int32)
         rows = new[first[order]]
-        os.pwrite(self._pages_fd, np.ascontiguousarray(pages[rows]).tobytes(), base * PAGE_SIZE)
-        os.pwrite(self._tags_fd, np.ascontiguousarray(tags[rows]).tobytes(), base * TAG_BYTES)
-        os.pwrite(self._fps_fd, fps[rows].astype("<u8").tobytes(), base * 8)
+        # The arrays themselves (fancy indexing made them contiguous copies): no further copy.
+        _write_all(self._pages_fd, np.ascontiguousarray(pages[rows]), base * PAGE_SIZE)
+        _write_all(self._tags_fd, np.ascontiguousarray(tags[rows]), base * TAG_BYTES)
+        _write_all(self._fps_fd, np.ascontiguousarray(fps[rows], dtype="<u8"), base * 8)
         self.records += int(order.shape[0])
         # Insert in fingerprint order, so new values landing at the same position stay sorted too.
         by_fp = np.argsort(fps[rows], kind="stable")
@@ -344,3 +345,13 @@ class BaselineSession:
                 "baseline content not held (or its tag differs)", seq=seq, missing=int((recs < 0).sum())
             )
         return self._store.read(recs)
+
+
+def _write_all(fd: int, data: npt.NDArray[np.generic], offset: int) -> None:
+    """``pwrite`` all of ``data`` at ``offset`` (a write may be short: near a full disk, or over 2 GiB)."""
+    view = data.data.cast("B")  # contiguous: the caller made it so
+    while view:
+        done = os.pwrite(fd, view, offset)
+        if done <= 0:
+            raise OSError(f"short write to the baseline store at offset {offset}")
+        view, offset = view[done:], offset + done
