@@ -379,3 +379,25 @@ def test_backlog_between_the_qemus_shrinks_the_downtime_limit_and_holds_qemu_bac
         "downtime-limit": int((300 - 15 - s.backlog_ms) * 0.5),
         "max-bandwidth": UNCAPPED_BANDWIDTH,
     }
+
+
+async def test_a_vm_whose_migration_is_only_closing_waits_instead_of_being_refused() -> None:
+    """After its final phase a migration still closes (the baseline recording of what crossed takes
+    seconds): the VM's next migration waits for that instead of a 409, while one still under way
+    keeps the VM busy."""
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from novacron.migration.service import MigrationService
+
+    service = MigrationService(cast(Any, None), cast(Any, None), cast(Any, None))
+    closing = SimpleNamespace(vm="g1", done=asyncio.Event(), machine=SimpleNamespace(final=True))
+    running = SimpleNamespace(vm="g2", done=asyncio.Event(), machine=SimpleNamespace(final=False))
+    service._runs.update({"m1": cast(Any, closing), "m2": cast(Any, running)})
+    assert not await service._free_to_migrate("g2")
+    assert await service._free_to_migrate("g3")
+    waiting = asyncio.create_task(service._free_to_migrate("g1"))
+    finished, _ = await asyncio.wait({waiting}, timeout=0.2)
+    assert not finished  # still closing: it waits (the event below is what releases it)
+    closing.done.set()
+    assert await waiting

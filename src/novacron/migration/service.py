@@ -40,6 +40,11 @@ def new_migration_id() -> str:
     return f"m{int(time.time()):x}{secrets.token_hex(3)}"
 
 
+# A finished migration's closing (baseline recording) before the VM's next one; below the API client's
+# 30 s timeout, so a request that waited still gets its answer.
+SETTLE_TIMEOUT_S = 20.0
+
+
 class MigrationService:
     def __init__(self, host: MigrationHost, peers: PeerLink, factory: DataPathFactory) -> None:
         self.host = host
@@ -59,6 +64,19 @@ class MigrationService:
     def active_vms(self) -> set[str]:
         return {r.vm for r in self._runs.values() if not r.done.is_set()}
 
+    async def _free_to_migrate(self, vm: str) -> bool:
+        """Whether ``vm`` is free to migrate again. A migration still under way keeps it busy; one that
+        reached its final phase is only closing (the baseline recording of the copy that crossed,
+        seconds for a large guest): the next migration waits for that, so it reads the whole copy,
+        instead of being refused although the first one already reports done."""
+        runs = [r for r in self._runs.values() if r.vm == vm and not r.done.is_set()]
+        if any(not r.machine.final for r in runs):
+            return False
+        for r in runs:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(r.done.wait(), SETTLE_TIMEOUT_S)
+        return vm not in self.active_vms()
+
     # ----- outgoing -----
 
     async def migrate(self, request: MigrationRequest) -> SourceMigration:
@@ -67,7 +85,7 @@ class MigrationService:
         if request.destination == self.host.node:
             raise MigrationConflict("the VM is already on this host", vm=request.vm, node=self.host.node)
         self.peers.address(request.destination)  # UnknownPeer early, before any record
-        if request.vm in self.active_vms():
+        if not await self._free_to_migrate(request.vm):
             raise MigrationConflict(f"VM {request.vm!r} is already migrating", vm=request.vm)
         limit = self.host.config.max_outgoing
         if len(self._active("source")) >= limit:
@@ -189,7 +207,7 @@ class MigrationService:
                 busy = (
                     f"{self.host.node} is at its limit of {self.host.config.max_incoming} incoming migrations"
                 )
-            elif first.vm in self.active_vms():
+            elif not await self._free_to_migrate(first.vm):
                 busy = f"VM {first.vm} is already migrating on {self.host.node}"
             run = DestinationMigration(
                 self.host, first, control, session, self.factory, peers=self.peers, busy=busy
