@@ -6,8 +6,9 @@ kernel and unmapped on free (the mmap threshold adapts only up to the largest bl
 and the heap's free top is handed back to the kernel above 128 KiB; either way the next buffer is
 fresh memory again, and every 4 KiB page of it costs a page fault on first touch. Measured on this
 project's 2-core TCG host over a 100 Mbit/s tunnelled migration of the 768 MiB guest: 390 k minor
-faults per agent, 110-120 k with the settings below (the rest: the session cache and the baseline
-store), cold 24.4 s instead of 25-28 s (docs/migration.md, "Sixth run").
+faults per agent, 110-120 k with the settings below (the rest: first use of the session cache, the
+zstd windows and the heap's growth). The benchmark's migration times moved within their spread
+(docs/migration.md, "Sixth run").
 
 Blocks up to ``MMAP_THRESHOLD`` therefore come from the heap, and at most ``TRIM_THRESHOLD`` of free
 heap top is kept for reuse before it goes back to the kernel: a bounded amount of memory held in
@@ -17,7 +18,6 @@ exchange for not faulting it in again. On a C library without ``mallopt`` nothin
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 from novacron.observability.log import log_event
@@ -34,12 +34,12 @@ TRIM_THRESHOLD = 128 << 20
 
 def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> bool:
     """Apply the settings; returns whether the C library took them."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError, TypeError):
-        log_event(log, "allocator.untuned", reason="no mallopt in the C library", libc=str(name))
+        # The symbols already loaded in this process (its C library among them): no library search,
+        # which on Linux would run ldconfig in a subprocess at every agent start.
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        log_event(log, "allocator.untuned", reason="no mallopt in the C library")
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
