@@ -31,6 +31,7 @@ from novacron.migration.datapath import DataPathError, DataPathKind, DataPathSta
 from novacron.migration.errors import MigrationInputError
 from novacron.migration.qemu import MigrationMonitor
 from novacron.observability.log import log_event
+from novacron.security.dhparams import FFDHE2048_PEM
 from novacron.security.pki import NodeCredentials
 
 log = logging.getLogger("novacron.migration.direct")
@@ -70,13 +71,18 @@ def _settings(config: DirectConfig, tls_id: str) -> tuple[dict[str, bool], dict[
 
 
 def write_tls_dir(directory: Path, creds: NodeCredentials, endpoint: str) -> Path:
-    """A QEMU tls-creds-x509 directory for ``endpoint`` (server|client); key 0600, directory 0700."""
+    """A QEMU tls-creds-x509 directory for ``endpoint`` (server|client); key 0600, directory 0700.
+
+    A server also gets ``dh-params.pem`` (a published group): without it QEMU generates parameters
+    at start, which delayed the destination QEMU by up to a second."""
     if "," in str(directory):
         raise MigrationInputError("QEMU TLS directory path must not contain ','", path=str(directory))
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     (directory / "ca-cert.pem").write_bytes(creds.bundle.to_pem())
     (directory / f"{endpoint}-cert.pem").write_bytes(creds.cert_pem())
+    if endpoint == "server":
+        (directory / "dh-params.pem").write_bytes(FFDHE2048_PEM)
     key = directory / f"{endpoint}-key.pem"
     fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
