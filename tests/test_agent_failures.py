@@ -101,7 +101,7 @@ async def test_destination_agent_killed_then_restarted() -> None:
         # Nothing is left half-done: the same VM migrates now.
         again = await migrate(a, "g3", "hostb", mode="internet")
         m = await wait_migration(a, again["id"])
-        expect_done(m)
+        await expect_done(m, b)
         await intact_on(cluster, "g3", "hostb", checksum)
 
 
@@ -121,5 +121,5 @@ async def test_source_agent_killed_then_restarted() -> None:
         await intact_on(cluster, "g4", "hosta", checksum)
         again = await migrate(a, "g4", "hostb", mode="internet")
         m = await wait_migration(a, again["id"])
-        expect_done(m)
+        await expect_done(m, b)
         await intact_on(cluster, "g4", "hostb", checksum)

@@ -45,7 +45,7 @@ async def test_migrations_in_every_mode_over_an_emulated_link() -> None:
         for src, dst, options, path in hops:
             started = await migrate(src, "g1", dst.node, **options)
             m = await wait_migration(src, started["id"])
-            expect_done(m)
+            await expect_done(m, dst)
             assert m["data_path"] == path and m["mode"] == options["mode"]
             assert m["downtime_ms"] is not None and 0 < m["downtime_ms"] < 1000
             p = m["progress"]
