@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
+import warnings
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,7 @@ import pytest
 from novacron.dwcp.transport import AmstListener, AmstSession, connect_session
 from novacron.migration.datapath import ChannelRouter, DataPathError, DataPathKind, QemuMigrationSettings
 from novacron.migration.tunnel import DestinationTunnel, SourceTunnel, TunnelLimits
+from novacron.migration.tunnel.common import TaskGroup
 from novacron.migration.tunnel.multifd import PAGE_SIZE, MultifdPacket, MultifdParser
 from novacron.migration.tunnel.synth import qemu_like_streams
 from novacron.security import pki
@@ -471,3 +475,23 @@ async def test_a_sync_round_that_never_completes_fails_with_a_reason(tmp_path: P
     for conn in writers:
         conn.close()
     await src.close()
+
+
+async def test_a_task_cancelled_before_it_ran_leaves_no_unawaited_coroutine() -> None:
+    ran: list[str] = []
+
+    async def ack() -> None:
+        ran.append("ack")
+
+    async def fail(exc: BaseException) -> None:
+        ran.append(f"failed: {exc}")
+
+    group = TaskGroup("t", fail, logging.getLogger("test"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        group.spawn(ack(), "ack")  # e.g. an acknowledgement spawned while the path shuts down
+        await group.cancel()  # before the task's first step
+        await asyncio.sleep(0)
+        gc.collect()
+    assert ran == []
+    assert not [w for w in caught if "never awaited" in str(w.message)]

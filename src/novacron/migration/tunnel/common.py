@@ -89,6 +89,8 @@ class TaskGroup:
         task = asyncio.create_task(self._guard(coro, what), name=f"{self._name}:{what}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # A task cancelled before its first step never awaits ``coro``: close it (a no-op once it ran).
+        task.add_done_callback(lambda t: coro.close() if t.cancelled() else None)
         return task
 
     async def _guard(self, coro: Coroutine[Any, Any, None], what: str) -> None:
