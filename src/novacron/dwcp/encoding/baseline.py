@@ -208,14 +208,15 @@ class BaselineStore:
         rec_of_key = np.full(first.shape[0], -1, dtype=np.int32)
         rec_of_key[order] = np.arange(base, base + order.shape[0], dtype=np.int32)
         rows = new[first[order]]
+        row_fps = np.ascontiguousarray(fps[rows], dtype="<u8")
         # The arrays themselves (fancy indexing made them contiguous copies): no further copy.
         _write_all(self._pages_fd, np.ascontiguousarray(pages[rows]), base * PAGE_SIZE)
         _write_all(self._tags_fd, np.ascontiguousarray(tags[rows]), base * TAG_BYTES)
-        _write_all(self._fps_fd, np.ascontiguousarray(fps[rows], dtype="<u8"), base * 8)
+        _write_all(self._fps_fd, row_fps, base * 8)
         self.records += int(order.shape[0])
         # Insert in fingerprint order, so new values landing at the same position stay sorted too.
-        by_fp = np.argsort(fps[rows], kind="stable")
-        new_fps = fps[rows][by_fp]
+        by_fp = np.argsort(row_fps, kind="stable")
+        new_fps = row_fps[by_fp]
         sorted_fps, sorted_rec = self._index
         pos = np.searchsorted(sorted_fps, new_fps)
         self._index = (
