@@ -6,6 +6,7 @@ repairs of missing baseline references, corrupted batches and malformed records,
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -337,6 +338,38 @@ async def test_recording_a_copy_runs_off_the_event_loop(tmp_path: Path) -> None:
     assert await record_copy(store, "vm", batches()) == 3
     assert seen and loop_thread not in seen
     assert store.summary("vm").copy["pc.ram"].index.tolist() == [0, 1, 2]
+    store.close()
+
+
+async def test_a_cancelled_recording_returns_only_once_its_thread_stopped(tmp_path: Path) -> None:
+    """The batches are views of the session cache, handed to the next session when the tunnel closes:
+    a cancelled recording must not return while its thread still reads them."""
+    import threading
+
+    from novacron.migration.tunnel.baseline import record_copy
+
+    reading, release = threading.Event(), threading.Event()
+    produced: list[int] = []
+
+    def batches() -> Iterator[PageBatch]:
+        for i in range(50):
+            if i == 1:
+                reading.set()
+                release.wait(30)
+            produced.append(i)
+            yield PageBatch("pc.ram", np.array([i * PAGE_SIZE], dtype=np.uint64), _page(i + 1))
+
+    store = BaselineStore(tmp_path / "store", DefaultPageHasher(KEY))
+    task = asyncio.create_task(record_copy(store, "vm", batches()))
+    assert await asyncio.to_thread(reading.wait, 30)
+    task.cancel()
+    done, _ = await asyncio.wait([task], timeout=0.3)
+    assert not done  # still waiting for the thread, which is inside a batch
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert produced == [0, 1]  # it stopped after the batch it was on
+    assert store.summary("vm").copy["pc.ram"].index.tolist() == [0]
     store.close()
 
 

@@ -29,13 +29,17 @@ async def record_copy(store: BaselineStore, vm: str, batches: Iterable[PageBatch
 
     The store is a cache of what crossed: a failure here is logged, never raised (the migration
     itself already succeeded). Cancelled, the thread stops after the batch it is on (a partial copy
-    only means fewer references next time).
+    only means fewer references next time), and this returns (raising ``CancelledError``) only once
+    it has: the batches are views of the session's cache, which the caller hands to the next session
+    right after.
     """
     stop = threading.Event()
+    work = asyncio.ensure_future(asyncio.to_thread(_record, store, vm, batches, stop))
     try:
-        return await asyncio.to_thread(_record, store, vm, batches, stop)
+        return await asyncio.shield(work)
     except asyncio.CancelledError:
         stop.set()
+        await asyncio.wait([work])  # one batch at most; a second cancel does not wait further
         raise
 
 

@@ -250,12 +250,14 @@ class DestinationTunnel:
             return
         dec = self._dec
         ok = self._finished and self._error is None
-        if ok and self._store is not None and dec is not None and dec.hde is not None:
-            self._recorded = await record_copy(self._store, self.vm, dec.hde.session_pages())
-        await self._shutdown(None)
-        if self._arenas is not None:
-            self._arenas.give_back(self._arena)
-        self._closed = True
+        try:
+            if ok and self._store is not None and dec is not None and dec.hde is not None:
+                self._recorded = await record_copy(self._store, self.vm, dec.hde.session_pages())
+        finally:  # cancelled while recording (agent shutdown): the rest of the cleanup still runs
+            self._closed = True
+            await self._shutdown(None)
+            if self._arenas is not None:
+                self._arenas.give_back(self._arena)
 
     # ------------------------------------------------------------------------------------ failures
 

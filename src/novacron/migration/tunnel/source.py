@@ -324,14 +324,16 @@ class SourceTunnel:
     async def close(self) -> None:
         if self._closed:
             return
-        if self._finished and self._error is None and self._store is not None and self._enc is not None:
-            self._recorded = await record_copy(self._store, self.vm, self._enc.hde.session_pages())
-        await self._shutdown(None)
-        if self._enc is not None:
-            self._enc.hde.close()
-        if self._arenas is not None:
-            self._arenas.give_back(self._arena)
-        self._closed = True
+        try:
+            if self._finished and self._error is None and self._store is not None and self._enc is not None:
+                self._recorded = await record_copy(self._store, self.vm, self._enc.hde.session_pages())
+        finally:  # cancelled while recording (agent shutdown): the rest of the cleanup still runs
+            self._closed = True
+            await self._shutdown(None)
+            if self._enc is not None:
+                self._enc.hde.close()
+            if self._arenas is not None:
+                self._arenas.give_back(self._arena)
 
     # ------------------------------------------------------------------------------------ failures
 
