@@ -71,3 +71,17 @@ def test_machine_alias_resolves_to_versioned_type() -> None:
     with pytest.raises(SpecError) as exc:
         resolve_machine("qemu-system-x86_64", "no-such-machine")
     assert exc.value.context["field"] == "machine"
+
+
+def test_tcg_guests_get_ram_off_qemus_aligned_dirty_sync_path(kernel: Path) -> None:
+    """QEMU 7.2's fast dirty-bitmap sync (RAM block length a multiple of 64 pages) leaves TCG's
+    software TLB able to skip dirty tracking: TCG guests get a RAM size off that multiple, KVM the spec's."""
+    from novacron.hypervisor.qemu import TCG_RAM_PAD_KIB, ram_size
+
+    spec = parse_spec(_spec(kernel, memory_mib=768), LIMITS)
+    assert ram_size(spec, "kvm") == "768M"
+    tcg = ram_size(spec, "tcg")
+    kib = int(tcg.removesuffix("K"))
+    assert tcg.endswith("K") and kib == 768 * 1024 + TCG_RAM_PAD_KIB
+    assert kib % 8 == 0  # QEMU rounds -m up to 8 KiB
+    assert kib % (64 * 4) != 0  # not a whole number of 64-page words of the dirty bitmap

@@ -56,6 +56,12 @@ DEFAULT_QEMU_BINARY = "qemu-system-x86_64"
 # and survive them, so a guest kernel could lose writes to its own data across a migration (oopses,
 # corrupted page cache). Without PGE no entry is global: every switch flushes everything.
 TCG_CPU_MODEL = "qemu64,-pge"
+# That narrows the loss but cannot close it: a write between QEMU's last sync and the vCPU stopping
+# is lost all the same (docs/hypervisor.md). The fast path is only taken for a RAM block whose
+# length is a multiple of 64 pages; QEMU's other path clears bits page by page and resets those TLB
+# entries. A RAM size 8 KiB over the spec (QEMU rounds -m to 8 KiB) puts TCG guests on it; both ends
+# of a migration compute the same size.
+TCG_RAM_PAD_KIB = 8
 # QEMU runstates (query-status) mapped to our states; anything else is reported as paused with the
 # raw runstate, since the vCPUs are not running.
 _RUNSTATE_MAP = {"running": VMState.RUNNING, "inmigrate": VMState.INCOMING}
@@ -88,10 +94,17 @@ def _shared_ram_machine_opt(spec: VMSpec) -> str:
     return f",memory-backend={SHARED_RAM_ID}" if _shared_ram(spec) else ""
 
 
-def _shared_ram_object(spec: VMSpec) -> list[str]:
+def _shared_ram_object(spec: VMSpec, accel: str) -> list[str]:
     if not _shared_ram(spec):
         return []
-    return ["-object", f"memory-backend-memfd,id={SHARED_RAM_ID},size={spec.memory_mib}M,share=on"]
+    return ["-object", f"memory-backend-memfd,id={SHARED_RAM_ID},size={ram_size(spec, accel)},share=on"]
+
+
+def ram_size(spec: VMSpec, accel: str) -> str:
+    """The guest's RAM as QEMU's ``-m`` takes it; under TCG a little over the spec (TCG_RAM_PAD_KIB)."""
+    if accel == "tcg":
+        return f"{spec.memory_mib * 1024 + TCG_RAM_PAD_KIB}K"
+    return f"{spec.memory_mib}M"
 
 
 class QemuDriver:
@@ -194,8 +207,8 @@ class QemuDriver:
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-machine", f"{spec.machine},accel={accel}{_shared_ram_machine_opt(spec)}",
             "-smp", str(spec.vcpus),
-            "-m", f"{spec.memory_mib}M",
-            *_shared_ram_object(spec),
+            "-m", ram_size(spec, accel),
+            *_shared_ram_object(spec, accel),
             "-chardev", f"socket,id=qmp,path={rd.qmp_socket},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
             "-chardev", f"socket,id=qmp-events,path={rd.events_socket},server=on,wait=off",
