@@ -401,3 +401,17 @@ async def test_a_vm_whose_migration_is_only_closing_waits_instead_of_being_refus
     assert not finished  # still closing: it waits (the event below is what releases it)
     closing.done.set()
     assert await waiting
+
+
+def test_an_error_keeps_the_end_of_a_guest_console_and_short_other_context() -> None:
+    from novacron.migration.errors import MigrationError
+    from novacron.migration.orchestrator import MAX_CONSOLE_CONTEXT, MAX_CONTEXT_VALUE, error_info
+
+    lines = [f"[   16.{i:06d}] line {i}" for i in range(400)]
+    console = "\n".join([*lines, "[   16.5] Kernel panic - not syncing"])
+    exc = MigrationError("the guest is not alive after resume", vm="g1", console=console, detail="x" * 5000)
+    info = error_info(exc, Phase.VERIFY)
+    assert info.context["console"].endswith("Kernel panic - not syncing")
+    assert len(info.context["console"]) == MAX_CONSOLE_CONTEXT
+    assert info.context["detail"] == "x" * MAX_CONTEXT_VALUE
+    assert info.context["vm"] == "g1"

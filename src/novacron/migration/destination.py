@@ -70,7 +70,7 @@ log = logging.getLogger("novacron.migration.destination")
 
 HEARTBEAT = r"NOVACRON-HEARTBEAT"
 FOLLOW_POLL_S = 1.0  # how often the destination looks at its QEMU while waiting for the source
-CONSOLE_TAIL_LINES = 12  # of the guest's console, kept with a failed check
+CONSOLE_TAIL_LINES = 40  # of the guest's console, kept with a failed check (an oops is 30-40)
 # Phases the source announces that the destination mirrors.
 MIRRORED = (Phase.PRECOPY, Phase.CONVERGE, Phase.SWITCHOVER)
 
@@ -470,7 +470,7 @@ class DestinationMigration(MigrationRun):
                 raise self.error(
                     MigrationError,
                     f"the guest is not alive after resume: {exc.message}",
-                    console=console[-2000:],
+                    console=console,
                 ) from None
             finally:
                 await control.close()

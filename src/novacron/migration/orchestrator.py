@@ -26,12 +26,20 @@ from novacron.observability.log import log_event
 log = logging.getLogger("novacron.migration")
 
 MAX_CONTEXT_VALUE = 200
+# A guest's console tail says why it died after resume: an oops runs to 30-40 lines and its end (the
+# faulting code, the panic) matters most, so this one value keeps more, from its end.
+MAX_CONSOLE_CONTEXT = 4000
 STOP_RETRY_S = 1.0
+
+
+def _context_value(key: str, value: object) -> str:
+    text = str(value)
+    return text[-MAX_CONSOLE_CONTEXT:] if key == "console" else text[:MAX_CONTEXT_VALUE]
 
 
 def error_info(exc: BaseException, phase: Phase) -> ErrorInfo:
     if isinstance(exc, NovacronError):
-        ctx = {k: str(v)[:MAX_CONTEXT_VALUE] for k, v in exc.context.items()}
+        ctx = {k: _context_value(k, v) for k, v in exc.context.items()}
         return ErrorInfo(kind=type(exc).__name__, message=exc.message, phase=str(phase), context=ctx)
     return ErrorInfo(kind=type(exc).__name__, message=str(exc)[:MAX_CONTEXT_VALUE], phase=str(phase))
 
