@@ -50,6 +50,11 @@ class MigrationConflict(ConflictError):
     """The migration cannot start now: the VM is migrating already, the host is at its limit ..."""
 
 
+class SourceQemuStuck(MigrationConflict):
+    """The VM's QEMU still holds an earlier migration that ended without its cleanup (a QEMU 7.2
+    multifd bug, docs/hypervisor.md): it cannot migrate again until the VM is restarted."""
+
+
 class MigrationNotFound(NotFoundError):
     """No migration with that id on this host."""
 

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,46 @@ MAX_EVENTS_KEPT = 256
 VERSION_TIMEOUT_S = 10.0
 # QEMU migration statuses after which nothing more happens on that side.
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+# QEMU 7.2 can leave an ended migration half torn down: when the peer goes away while multifd
+# channels are being set up, the migration thread may wait forever for a channel that already quit.
+# The status says "failed" but the cleanup never runs, so the migration's yank instance stays
+# registered and every later ``migrate`` of that QEMU fails ("duplicate yank instance", leaving the
+# status at "setup"). A failed migration's cleanup takes milliseconds; one still pending after
+# STUCK_GRACE_S is taken as never coming.
+STUCK_GRACE_S = 2.0
+STUCK_POLL_S = 0.1
+STUCK_NOTE = (
+    "the source QEMU cannot migrate again until the VM is restarted "
+    "(QEMU 7.2 left its last migration without cleanup)"
+)
+
+Ask = Callable[[str], Awaitable[Any]]
+
+
+async def ended_but_not_cleaned_up(
+    ask: Ask, *, grace_s: float = STUCK_GRACE_S, poll_s: float = STUCK_POLL_S
+) -> bool:
+    """Whether QEMU still holds a migration that ended (status final) but was never cleaned up,
+    so that it cannot start another one. ``ask(cmd)`` runs a QMP command. A QEMU without
+    ``query-yank`` (before 6.0) cannot tell, and is taken as not stuck."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    while True:
+        info = await ask("query-migrate")
+        if not isinstance(info, dict) or info.get("status") not in FINAL_STATUSES:
+            return False
+        try:
+            instances = await ask("query-yank")
+        except QMPError:
+            return False
+        held = isinstance(instances, list) and any(
+            isinstance(i, dict) and i.get("type") == "migration" for i in instances
+        )
+        if not held:
+            return False
+        if loop.time() >= deadline:
+            return True
+        await asyncio.sleep(poll_s)
 
 
 class MigrationDriver(QemuDriver):
@@ -160,6 +200,10 @@ class MigrationMonitor:
         if not ok:
             return None
         return next(s for s in self.state.statuses if s in statuses)
+
+    async def stuck(self) -> bool:
+        """Whether this QEMU cannot migrate again: see :func:`ended_but_not_cleaned_up`."""
+        return await ended_but_not_cleaned_up(self.execute)
 
     async def query_migrate(self) -> dict[str, Any]:
         reply = await self.execute("query-migrate")

@@ -36,7 +36,7 @@ from novacron.migration.control import ControlChannel
 from novacron.migration.errors import MigrationError
 from novacron.migration.messages import Abort, Commit, Committed, Message, Query, State
 from novacron.migration.phases import Phase
-from novacron.migration.qemu import FINAL_STATUSES, migration_monitor
+from novacron.migration.qemu import FINAL_STATUSES, STUCK_NOTE, migration_monitor
 from novacron.migration.records import ErrorInfo, MigrationRecord
 from novacron.observability.log import log_event
 from novacron.store.ownership import lock_key
@@ -149,10 +149,16 @@ async def _resume_source(host: MigrationHost, record: MigrationRecord) -> str:
     status = await driver.status(vm)
     if status.state is VMState.PAUSED and not record.source_was_paused:
         await driver.resume(vm)
-        return f"source resumed from {status.qemu_runstate}"
-    if status.state is VMState.RUNNING:
-        return "source runs"
-    return f"source QEMU is {status.state}"
+        how = f"source resumed from {status.qemu_runstate}"
+    elif status.state is VMState.RUNNING:
+        how = "source runs"
+    else:
+        return f"source QEMU is {status.state}"
+    with contextlib.suppress(NovacronError):
+        async with migration_monitor(driver, vm) as monitor:
+            if await monitor.stuck():
+                how += f"; {STUCK_NOTE}"
+    return how
 
 
 async def _retire_source(host: MigrationHost, record: MigrationRecord) -> None:

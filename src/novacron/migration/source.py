@@ -53,6 +53,7 @@ from novacron.migration.errors import (
     MigrationError,
     MigrationRefused,
     PeerLost,
+    SourceQemuStuck,
 )
 from novacron.migration.messages import (
     Abort,
@@ -72,7 +73,7 @@ from novacron.migration.messages import (
 from novacron.migration.orchestrator import MigrationRun, error_info, wall
 from novacron.migration.phases import Phase
 from novacron.migration.planning import choose_plan, link_view
-from novacron.migration.qemu import FINAL_STATUSES, MigrationMonitor, migration_monitor
+from novacron.migration.qemu import FINAL_STATUSES, STUCK_NOTE, MigrationMonitor, migration_monitor
 from novacron.migration.records import MigrationRecord, Progress
 from novacron.observability import metrics
 from novacron.observability.log import log_event
@@ -237,6 +238,9 @@ class SourceMigration(MigrationRun):
                     MigrationConflict, f"VM {self.vm!r} is {status.state}; only a running VM migrates"
                 )
             self._was_paused = status.state is VMState.PAUSED
+            self.monitor = await self._stack.enter_async_context(migration_monitor(host.driver, self.vm))
+            if await self.monitor.stuck():
+                raise self.error(SourceQemuStuck, f"VM {self.vm!r}: {STUCK_NOTE}")
             await self._ensure_owned()
             self.lock = await host.locks.acquire(self.vm, host.node)
             self._stack.push_async_callback(self._stop_keepalive, asyncio.create_task(self._keep_lock()))
@@ -265,7 +269,6 @@ class SourceMigration(MigrationRun):
                 peer_host=peer_host,
                 session=self.session,
             )
-            self.monitor = await self._stack.enter_async_context(migration_monitor(host.driver, self.vm))
             spec = host.driver.spec(self.vm)
             accel = status.accel or "tcg"
             settings = self._settings(self.path.settings)
@@ -432,6 +435,11 @@ class SourceMigration(MigrationRun):
                 )
             if self.lock is not None and self.lock.lost.is_set():
                 raise self.error(MigrationError, "migration lock lost (store unreachable)")
+            # A data path that failed before QEMU was past its setup holds QEMU's sockets open (the
+            # tunnel: docs/migration.md); QEMU then waits, and only our cancel ends its migration.
+            why = self.path.stats().error if self.path is not None else None
+            if why is not None:
+                raise self.error(MigrationError, f"data path failed: {why}")
             info = await monitor.query_migrate()
             sample = Sample.from_query(info)
             self._qemu_status = sample.status
@@ -687,6 +695,11 @@ class SourceMigration(MigrationRun):
         if self.path is not None:
             with contextlib.suppress(NovacronError, OSError):
                 await self.path.abort(info.message)
+        monitor = self.monitor
+        if info.kind != SourceQemuStuck.__name__ and monitor is not None and not monitor.lost.is_set():
+            with contextlib.suppress(NovacronError):
+                if await monitor.stuck():
+                    await self.note(STUCK_NOTE)
         final = Phase.CANCELLED if cancelled else Phase.FAILED
         await self.enter(final, outcome="cancelled" if cancelled else "failed", progress=self.progress)
 
