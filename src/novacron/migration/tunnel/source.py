@@ -90,6 +90,9 @@ from novacron.observability.log import log_event
 log = logging.getLogger("novacron.migration.tunnel.source")
 
 SOURCE_SOCKET = "qemu-src.sock"
+# What a multifd channel carries before its first pages: QEMU's initial packet and one SYNC packet
+# (a header and 128 page offsets, ~1.1 KiB). More than this on the channels means QEMU is past setup.
+SETUP_BYTES_PER_CHANNEL = 4096
 
 
 def raw_label(index: int | None) -> str:
@@ -348,7 +351,20 @@ class SourceTunnel:
             if not isinstance(exc, PeerAborted):
                 await tell_peer(self._pages, self._send_lock, self._error)
         self._signal.notify()
-        await self._shutdown(self._error)
+        if self._qemu_may_be_in_setup():
+            # QEMU's sockets stay open (unread) until the orchestrator has cancelled QEMU's migration
+            # and calls abort(): multifd channels lost while QEMU 7.2 sets them up can leave its
+            # migration hung for good, or crash QEMU (docs/hypervisor.md).
+            await self._stop_work(self._error)
+        else:
+            await self._shutdown(self._error)
+
+    def _qemu_may_be_in_setup(self) -> bool:
+        """Whether QEMU may still be setting up its multifd channels: none has carried page data yet
+        (what QEMU sends before pages is an initial packet and a SYNC, a few KiB a channel)."""
+        channels = self.settings.multifd_channels
+        multifd_bytes = self._qemu_bytes - self._qemu_main_bytes
+        return channels > 0 and multifd_bytes <= SETUP_BYTES_PER_CHANNEL * channels
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -361,15 +377,19 @@ class SourceTunnel:
         for w in self._writers:
             w.transport.abort() if reason is not None else w.close()
         self._writers.clear()
-        if reason is not None:
-            abort_channels([self._pages, self._main, *self._raws.values()], reason)
-        self._signal.notify()
-        await self._tasks.cancel()
+        await self._stop_work(reason)
         if server is not None:
             with contextlib.suppress(OSError):
                 await server.wait_closed()
         if self._socket is not None:
             self._socket.unlink(missing_ok=True)
+
+    async def _stop_work(self, reason: str | None) -> None:
+        """Stop relaying: the peer's channels (aborted when ``reason``), the tasks, the encoder."""
+        if reason is not None:
+            abort_channels([self._pages, self._main, *self._raws.values()], reason)
+        self._signal.notify()
+        await self._tasks.cancel()
         # An encode may still run in the worker thread: let it end before the arena is given back.
         await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
         if reason is not None and self._enc is not None:
@@ -392,7 +412,8 @@ class SourceTunnel:
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
-        self._tasks.spawn(self._handle(reader, writer), "connection")
+        if self._error is None:  # after a failure QEMU's connections are only held, until abort()
+            self._tasks.spawn(self._handle(reader, writer), "connection")
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cls = ConnectionClassifier()
