@@ -24,6 +24,7 @@ from novacron.testing.agents import (
     start_agent,
     stop_agent,
     wait_migration,
+    wait_record,
     where_it_runs,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "start_agent",
     "stop_agent",
     "wait_migration",
+    "wait_record",
     "where_it_runs",
 ]
 

@@ -24,7 +24,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,19 +218,32 @@ async def wait_migration(
     agent: AgentProc, migration_id: str, timeout_s: float = 180, phases: tuple[str, ...] = FINAL
 ) -> dict[str, Any]:
     """The migration's record once it reached one of ``phases`` (polls the agent's API, as the CLI does)."""
+    return await wait_record(
+        agent, migration_id, lambda m: str(m.get("phase")) in phases, f"phase in {list(phases)}", timeout_s
+    )
+
+
+async def wait_record(
+    agent: AgentProc,
+    migration_id: str,
+    until: Callable[[dict[str, Any]], bool],
+    what: str,
+    timeout_s: float = 180,
+) -> dict[str, Any]:
+    """The migration's record once ``until(record)`` holds (``what`` names it in the error)."""
     try:
         async with asyncio.timeout(timeout_s):
             while True:
                 m: dict[str, Any] = await agent.api("GET", f"/v1/migrations/{migration_id}")
-                if str(m.get("phase")) in phases:
+                if until(m):
                     return m
                 await asyncio.sleep(POLL_S)
     except TimeoutError:
         raise AgentClusterError(
-            "migration did not reach the expected phase in time",
+            "migration did not reach the expected state in time",
             node=agent.node,
             migration=migration_id,
-            phases=list(phases),
+            expected=what,
             timeout_s=timeout_s,
         ) from None
 
