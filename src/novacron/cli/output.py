@@ -7,9 +7,10 @@ Exit codes: 0 success, 2 user error (bad input, unknown name, conflict), 1 failu
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TextIO, TypeVar
 
 from rich.console import Console
 from rich.text import Text
@@ -21,8 +22,19 @@ EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
-console = Console()
-err_console = Console(stderr=True)
+# Rich lays out for 80 columns when the output is not a terminal (a log, a CI job, a pipe); the
+# summary tables then wrap every cell. Such output gets this width unless COLUMNS says otherwise.
+UNTERMINATED_WIDTH = 120
+
+
+def _width(stream: TextIO) -> int | None:
+    if "COLUMNS" in os.environ or stream.isatty():
+        return None  # Rich's own choice: the terminal's width, or COLUMNS
+    return UNTERMINATED_WIDTH
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 
 T = TypeVar("T")
 
