@@ -11,8 +11,10 @@ import pytest
 
 from novacron.migration.control import ControlChannel
 from novacron.migration.converge import (
+    MIN_DOWNTIME_LIMIT_MS,
     UNCAPPED_BANDWIDTH,
     Abort,
+    Action,
     ConvergenceSteering,
     Sample,
     SetParameters,
@@ -197,7 +199,7 @@ def test_initial_parameters_keep_auto_converge_idle_and_leave_room_for_the_switc
     s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=1000.0, one_way_delay_s=0.025))
     params = s.initial_parameters()
     assert params["throttle-trigger-threshold"] == 100
-    assert params["downtime-limit"] == int((300 - 25 - 15) * 0.5)
+    assert params["downtime-limit"] == MIN_DOWNTIME_LIMIT_MS  # the first pass: see the next test
     assert params["max-bandwidth"] == UNCAPPED_BANDWIDTH  # bandwidth unknown: never capped below the link
     capped = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=1000.0)).initial_parameters(
         1e9
@@ -207,11 +209,29 @@ def test_initial_parameters_keep_auto_converge_idle_and_leave_room_for_the_switc
     assert ConvergenceSteering(tunnel).initial_parameters(1e9)["max-bandwidth"] == UNCAPPED_BANDWIDTH
 
 
+def escalations(actions: list[Action]) -> list[Action]:
+    """What steering did beyond its routine downtime-limit and drain-cap settings."""
+    return [a for a in actions if not (isinstance(a, SetParameters) and a.routine)]
+
+
+def test_no_switchover_at_the_end_of_the_first_pass() -> None:
+    s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=1000.0, one_way_delay_s=0.025))
+    assert s.initial_parameters()["downtime-limit"] == MIN_DOWNTIME_LIMIT_MS
+    # The first pass, nearly done: QEMU must not switch over with the socket buffers full.
+    assert s.observe(_sample(1, 4 << 20, dirty_rate=2000), 1.0) == []
+    assert s.observe(_sample(1, 1 << 20, dirty_rate=2000), 2.0) == []
+    # The second pass: the operator's budget, less what the switchover costs us.
+    out = s.observe(_sample(2, 8 << 20, dirty_rate=2000), 2.1)
+    limits = [a.parameters for a in out if isinstance(a, SetParameters) and a.routine]
+    assert limits == [{"downtime-limit": int((300 - 25 - 15) * 0.5)}]
+    assert s.observe(_sample(3, 4 << 20, dirty_rate=2000), 2.2) == []  # set once
+
+
 def test_converging_migration_is_left_alone() -> None:
     s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=1000.0, cap_bandwidth=False))
     remaining = 400 << 20
     for i in range(1, 8):
-        assert s.observe(_sample(i, remaining, dirty_rate=100), float(i)) == []
+        assert escalations(s.observe(_sample(i, remaining, dirty_rate=100), float(i))) == []
         remaining //= 3
     assert s.level == 0
 
@@ -231,7 +251,9 @@ def test_non_converging_escalates_to_auto_converge_then_postcopy_only_when_allow
         )
         actions = []
         for i in range(1, 12):
-            actions += [(i, a) for a in s.observe(_sample(i, 300 << 20, dirty_rate=3000), float(i))]
+            actions += [
+                (i, a) for a in escalations(s.observe(_sample(i, 300 << 20, dirty_rate=3000), float(i)))
+            ]
         kinds = [(i, type(a).__name__) for i, a in actions]
         assert kinds[0] == (3, "SetParameters")
         first = actions[0][1]
@@ -250,13 +272,13 @@ def test_stalled_remaining_counts_as_not_converging() -> None:
     )
     out = []
     for i in range(1, 7):
-        out += s.observe(_sample(i, 200 << 20, dirty_rate=10, mbps=1000), float(i))
+        out += escalations(s.observe(_sample(i, 200 << 20, dirty_rate=10, mbps=1000), float(i)))
     assert len(out) == 1 and isinstance(out[0], SetParameters) and "did not shrink" in out[0].why
 
 
 def test_deadline_aborts_with_a_reason_that_says_why() -> None:
     s = ConvergenceSteering(SteeringPolicy(max_downtime_ms=300, deadline_at=10.0))
-    assert s.observe(_sample(2, 100 << 20, dirty_rate=3000), 9.0) == []
+    assert escalations(s.observe(_sample(2, 100 << 20, dirty_rate=3000), 9.0)) == []
     out = s.observe(_sample(3, 100 << 20, dirty_rate=3000, mbps=80), 10.0)
     assert len(out) == 1 and isinstance(out[0], Abort)
     assert "100 MiB left after 3 passes" in out[0].reason and "post-copy not allowed" in out[0].reason
@@ -365,7 +387,7 @@ def test_backlog_between_the_qemus_shrinks_the_downtime_limit_and_holds_qemu_bac
         return [a for a in out if isinstance(a, SetParameters)]
 
     # QEMU hands over 50 MB/s but only 25 MB/s reach the destination: the backlog grows.
-    assert at(0.0, 0, 0) == []
+    assert at(0.0, 0, 0) == [SetParameters({"downtime-limit": int((300 - 15) * 0.5)}, "backlog 0 ms", True)]
     assert at(0.2, 10_000_000, 5_000_000) == []  # drain rate not measured over a window yet
     out = at(1.0, 50_000_000, 25_000_000)  # 25 MB at 25 MB/s: 1 s of drain, over the whole budget
     limits = {k: v for a in out for k, v in a.parameters.items()}
