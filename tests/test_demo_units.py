@@ -6,6 +6,7 @@ import pytest
 
 from novacron.demo import DemoInputError, DemoResult, DemoSettings, parse_link
 from novacron.testing.migration_runs import Row, summarize, with_ratios_and_goals
+from novacron.testing.qemu_migration import wait_heartbeat
 
 
 def test_link_parsing() -> None:
@@ -70,3 +71,18 @@ def test_demo_ratios_need_a_successful_qemu_row() -> None:
     assert result.ratios(result.rows[0]) == (0.5, 0.5)
     result.rows.append(Row.failed("dwcp:back", "migration failed"))
     assert not result.ok
+
+
+async def test_heartbeat_is_waited_for_not_sampled() -> None:
+    # Straight after a switchover the count may still be the one from before: the next beat is due.
+    readings = iter([3, 3, 3, 4, 5])
+
+    async def read() -> int:
+        return next(readings)
+
+    assert await wait_heartbeat(read, 3, timeout_s=5) == 4
+
+    async def stuck() -> int:
+        return 3
+
+    assert await wait_heartbeat(stuck, 3, timeout_s=0.3) == 3  # a stopped heartbeat is reported as such

@@ -24,7 +24,7 @@ from typing import Any
 
 from novacron.errors import NovacronError
 from novacron.testing.agents import AgentProc, Cluster, migrate, qemu_processes, wait_migration, where_it_runs
-from novacron.testing.qemu_migration import GuestCheck, QemuResult, link_bytes
+from novacron.testing.qemu_migration import GuestCheck, QemuResult, link_bytes, wait_heartbeat
 
 DWCP_MIGRATION_TIMEOUT_S = 900.0
 
@@ -74,11 +74,17 @@ class Row:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
-async def check_via_agent(agent: AgentProc, vm: str) -> GuestCheck:
+async def check_via_agent(agent: AgentProc, vm: str, *, heartbeat_past: int | None = None) -> GuestCheck:
+    """The guest's state through ``agent``'s API; with ``heartbeat_past``, waits for the heartbeat
+    count to pass it (see ``wait_heartbeat``)."""
     verify = await agent.api("GET", f"/v1/vms/{vm}/guest/verify")
     checksum = await agent.api("GET", f"/v1/vms/{vm}/guest/checksum")
-    status = await agent.api("GET", f"/v1/vms/{vm}/guest/status")
-    return GuestCheck(int(verify["corrupted"]), str(checksum["checksum"]), int(status["heartbeats"]))
+
+    async def beats() -> int:
+        return int((await agent.api("GET", f"/v1/vms/{vm}/guest/status"))["heartbeats"])
+
+    heartbeats = await wait_heartbeat(beats, -1 if heartbeat_past is None else heartbeat_past)
+    return GuestCheck(int(verify["corrupted"]), str(checksum["checksum"]), heartbeats)
 
 
 Follow = Callable[[AgentProc, str], Awaitable[dict[str, Any]]]
@@ -117,7 +123,7 @@ async def dwcp_migrate(
     now_at = dst if m.get("phase") == "done" else src
     check: GuestCheck | None = None
     try:
-        check = await check_via_agent(cluster[now_at], vm)
+        check = await check_via_agent(cluster[now_at], vm, heartbeat_past=before.heartbeats)
         problems += check.problems(before.checksum, before.heartbeats)
     except (NovacronError, OSError) as exc:  # reported in the row: a guest that cannot answer failed
         problems.append(f"guest check on {now_at} failed: {type(exc).__name__}: {exc}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,10 @@ MAX_BANDWIDTH = 4 << 30
 MIGRATION_TIMEOUT_S = 600.0
 BOOT_TIMEOUT_S = 180.0
 ZSTD_DEFAULT_LEVEL = 1
+# The guest beats once a second of its own time; a TCG guest on a busy host may need a few seconds
+# of ours to reach the next beat after a switchover.
+HEARTBEAT_WAIT_S = 10.0
+HEARTBEAT_POLL_S = 0.1
 
 
 class QemuMigrationError(NovacronError):
@@ -121,12 +126,33 @@ class GuestCheck:
         return out
 
 
-async def check_guest(control_socket: Path, vm: str) -> GuestCheck:
+async def wait_heartbeat(
+    read: Callable[[], Awaitable[int]], past: int, *, timeout_s: float = HEARTBEAT_WAIT_S
+) -> int:
+    """The guest's heartbeat count once it is above ``past``, or the last count read when
+    ``timeout_s`` ran out first. A single reading straight after a switchover can come before the
+    next beat (they are a second apart), so "the heartbeat goes on" is waited for, not sampled."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        beats = await read()
+        if beats > past or loop.time() >= deadline:
+            return beats
+        await asyncio.sleep(HEARTBEAT_POLL_S)
+
+
+async def check_guest(control_socket: Path, vm: str, *, heartbeat_past: int | None = None) -> GuestCheck:
+    """The guest's memory check, checksum and heartbeat count; with ``heartbeat_past``, waits (up to
+    HEARTBEAT_WAIT_S) for the count to pass it."""
     async with GuestControl(control_socket, vm=vm) as ctl:
         verify = await ctl.verify()
         checksum = await ctl.checksum()
-        status = await ctl.status()
-    return GuestCheck(verify.corrupted, checksum.checksum, status.heartbeats)
+
+        async def beats() -> int:
+            return (await ctl.status()).heartbeats
+
+        heartbeats = await wait_heartbeat(beats, -1 if heartbeat_past is None else heartbeat_past)
+    return GuestCheck(verify.corrupted, checksum.checksum, heartbeats)
 
 
 async def boot_guest(
@@ -223,7 +249,7 @@ async def qemu_migrate(
     info = await src.execute(name, "query-migrate")
     await src.stop(name, mode=StopMode.FORCE)
     await src.delete(name)
-    check = await check_guest(dst.run_dir(name).control_socket, name)
+    check = await check_guest(dst.run_dir(name).control_socket, name, heartbeat_past=before.heartbeats)
     return QemuResult(
         config=config.name,
         total_s=resume_ts - t0,
