@@ -37,8 +37,10 @@ class HdeLimits:
     chunk_cache_bytes: int = 64 * MiB
     # A sparse delta is used only while it is at most this fraction of a page (else the literal).
     delta_max_fraction: float = 0.75
-    # Zero gaps shorter than this inside a changed region are sent as data (a run header costs 4 bytes).
-    delta_merge_gap: int = 4
+    # Unchanged gaps shorter than this inside a changed region are sent as data: a run header costs 4
+    # bytes, and a copy kept whole lets the batch codec match it against its window in one piece
+    # (dirty passes of the test guest: 16 % to 26 % fewer bytes than with 4; docs/hde.md).
+    delta_merge_gap: int = 16
     # zstd frames and streams may not ask the decoder for a larger window than this (memory per stream).
     max_zstd_window: int = 128 * MiB
     # Streamed zstd (one stream per level per session): window and long-distance matching. 128 MiB
