@@ -14,10 +14,13 @@ from novacron.dwcp.encoding import (
     BaselineSummary,
     BaselineView,
     DefaultPageHasher,
+    HdeConfigError,
+    HdeDecodeError,
     HdeDecoder,
     HdeEncoder,
     HdeLimits,
     PageKind,
+    copy_digest,
 )
 from test_hde_support import KEY, batch, text_pages
 
@@ -59,15 +62,23 @@ def test_resent_vm_uses_its_previous_copy(tmp_path: Path) -> None:
     assert with_base * 10 < plain
 
 
-def test_changed_pages_go_as_deltas_against_the_receivers_copy(tmp_path: Path) -> None:
-    """The sender holds the same copy as the receiver (the VM came from there): deltas against it."""
-    old = vm_memory(7)
+def both_hold_a_copy(
+    tmp_path: Path, *, seed: int
+) -> tuple[np.ndarray, np.ndarray, BaselineStore, BaselineStore]:
+    """A VM's memory recorded as the same copy on two hosts, and that memory with every 10th page changed."""
+    old = vm_memory(seed)
     new = old.copy()
     new[::10, 100:164] = 5
     receiver = BaselineStore(tmp_path / "receiver", HASHER)
     sender = BaselineStore(tmp_path / "sender", HASHER)
     for store in (receiver, sender):
         store.add_batch("vm1", batch("pc.ram", range(old.shape[0]), old))
+    return old, new, receiver, sender
+
+
+def test_changed_pages_go_as_deltas_against_the_receivers_copy(tmp_path: Path) -> None:
+    """The sender holds the same copy as the receiver (the VM came from there): deltas against it."""
+    old, new, receiver, sender = both_hold_a_copy(tmp_path, seed=7)
     summary = receiver.summary("vm1")
     plain_base = HdeEncoder(HASHER, LIM, baseline=BaselineView(summary))
     without = send(plain_base, HdeDecoder(LIM, baseline=receiver.session("vm1")), new)
@@ -166,3 +177,57 @@ def test_store_respects_its_record_limit(tmp_path: Path) -> None:
         store.add_content(text_pages(np.random.default_rng(6), 300))
         assert store.records == 100
         assert store.skipped_pages == 200
+
+
+def test_a_receiver_holding_the_senders_copy_names_it_by_digest(tmp_path: Path) -> None:
+    """Both hosts recorded the same memory: the summary carries a 32-byte digest instead of 20 bytes per
+    address, and the sender, putting its own copy's tags in its place, encodes exactly as with the list."""
+    _, new, receiver, sender = both_hold_a_copy(tmp_path, seed=21)
+    own_tags, own_session = sender.own_copy("vm1")
+    digest = copy_digest(own_tags)
+    assert len(digest) == 32
+    full = receiver.summary("vm1")
+    named = BaselineSummary.from_bytes(receiver.summary("vm1", digest).to_bytes())
+    assert named.copy == {} and named.copy_digest == digest
+    assert np.array_equal(named.content_fps, full.content_fps)
+    addresses = full.copy["pc.ram"].index.shape[0]
+    assert len(full.to_bytes()) - len(named.to_bytes()) >= 20 * addresses - 32
+    # A digest of some other copy gets the full list.
+    other = receiver.summary("vm1", bytes(31) + b"\x01")
+    assert other.copy_digest == b"" and other.copy.keys() == full.copy.keys()
+
+    resolved = BaselineSummary(copy=own_tags, content_fps=named.content_fps)
+    outputs = []
+    for summary in (full, resolved):
+        enc = HdeEncoder(HASHER, LIM, baseline=BaselineView(summary), peer_copy=own_session)
+        batches = [batch("pc.ram", range(i, i + 128), new[i : i + 128]) for i in range(0, 1024, 128)]
+        outputs.append([enc.encode(b) for b in batches])
+    assert outputs[0] == outputs[1]
+    receiver.close()
+    sender.close()
+
+
+def test_copy_digest_changes_with_any_page_of_the_copy(tmp_path: Path) -> None:
+    pages = vm_memory(22, 256)
+    digests = []
+    for i, variant in enumerate((pages, pages.copy())):
+        if i:
+            variant[np.flatnonzero(variant.any(axis=1))[-1], 4000] ^= 1  # one byte of one page
+        with BaselineStore(tmp_path / str(i), HASHER) as store:
+            store.add_batch("vm1", batch("pc.ram", range(256), variant))
+            digests.append(copy_digest(store.own_copy("vm1")[0]))
+            assert copy_digest(store.own_copy("nobody")[0]) == b""
+    assert digests[0] != digests[1]
+
+
+def test_summary_v2_is_checked_on_parsing() -> None:
+    fps = np.array([3, 8], dtype=np.uint64)
+    raw = BaselineSummary(content_fps=fps, copy_digest=b"\x07" * 32).to_bytes()
+    back = BaselineSummary.from_bytes(raw)
+    assert back.copy_digest == b"\x07" * 32 and np.array_equal(back.content_fps, fps)
+    zero_digest = raw[:14] + bytes(32) + raw[46:]  # a 14-byte header, then the digest
+    for bad in (raw[:-1], raw[:20], zero_digest):
+        with pytest.raises(HdeDecodeError):
+            BaselineSummary.from_bytes(bad)
+    with pytest.raises(HdeConfigError):
+        BaselineSummary(content_fps=fps, copy_digest=b"short").to_bytes()

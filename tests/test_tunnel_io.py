@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from novacron.dwcp.encoding import BaselineStore, BaselineSummary, DefaultPageHasher
 from novacron.dwcp.transport import AmstListener, AmstSession, connect_session
 from novacron.migration.datapath import ChannelRouter, DataPathError, DataPathKind, QemuMigrationSettings
 from novacron.migration.tunnel import DestinationTunnel, SourceTunnel, TunnelLimits
 from novacron.migration.tunnel.common import TaskGroup
+from novacron.migration.tunnel.errors import TunnelError
 from novacron.migration.tunnel.multifd import PAGE_SIZE, MultifdPacket, MultifdParser
 from novacron.migration.tunnel.synth import qemu_like_streams
 from novacron.security import pki
@@ -495,3 +497,25 @@ async def test_a_task_cancelled_before_it_ran_leaves_no_unawaited_coroutine() ->
         gc.collect()
     assert ran == []
     assert not [w for w in caught if "never awaited" in str(w.message)]
+
+
+async def test_a_summary_naming_a_copy_the_source_did_not_offer_is_refused(
+    sessions: tuple[AmstSession, AmstSession], tmp_path: Path
+) -> None:
+    """READY may name the VM's copy by digest only when PREPARE offered that digest: the source does
+    not encode against a copy it cannot read (a bug or a confused peer), it fails before QEMU starts."""
+    src_session, _ = sessions
+    with BaselineStore(tmp_path / "store", DefaultPageHasher(KEY)) as store:
+        src = SourceTunnel(
+            src_session,
+            vm="vm1",
+            workdir=tmp_path / "src",
+            settings=SETTINGS,
+            cluster_key=KEY,
+            baseline=store,
+        )
+        assert src.baseline_copy() == b""  # this host holds no copy of vm1
+        summary = BaselineSummary(content_fps=np.zeros(0, dtype=np.uint64), copy_digest=b"\x05" * 32)
+        with pytest.raises(TunnelError, match="did not offer"):
+            await src.start(summary.to_bytes())
+        await src.close()

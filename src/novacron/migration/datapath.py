@@ -201,6 +201,10 @@ class SourceDataPath(Protocol):
 
     settings: QemuMigrationSettings
 
+    def baseline_copy(self) -> bytes:
+        """Digest of this host's stored copy of the VM for PREPARE (``b""``: none, or not used)."""
+        ...
+
     async def start(self, peer_summary: bytes) -> str:
         """Prepare to receive QEMU's connections; returns the URI for QMP ``migrate``."""
         ...
@@ -231,8 +235,9 @@ class DestinationDataPath(Protocol):
         """Prepare to feed the destination QEMU; returns the URI for QMP ``migrate-incoming``."""
         ...
 
-    def summary(self) -> bytes:
-        """This host's baseline summary for the sender (``b""`` if none)."""
+    def summary(self, sender_copy: bytes = b"") -> bytes:
+        """This host's baseline summary for the sender (``b""`` if none); ``sender_copy`` is the
+        digest PREPARE gave of the sender's own copy of the VM."""
         ...
 
     def stats(self) -> DataPathStats: ...

@@ -323,7 +323,7 @@ class DestinationMigration(MigrationRun):
                 Ready(
                     migration_id=self.id,
                     incoming_uri=uri,
-                    summary=path.summary(),
+                    summary=path.summary(bytes.fromhex(self.prepare.baseline_copy)),
                     qemu_version=await monitor.version(),
                 )
             )

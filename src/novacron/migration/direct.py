@@ -213,7 +213,7 @@ class DirectDestinationPath:
     async def start(self) -> str:
         return f"tcp:{self.config.listen_host}:0"
 
-    def summary(self) -> bytes:
+    def summary(self, sender_copy: bytes = b"") -> bytes:
         return b""
 
     def stats(self) -> DataPathStats:
@@ -283,6 +283,9 @@ class DirectSourcePath:
         if m is None or not 0 < int(m.group(1)) < 65536:
             raise DataPathError("the destination announced no usable TCP port", uri=uri)
         self._port = int(m.group(1))
+
+    def baseline_copy(self) -> bytes:
+        return b""  # QEMU's own stream: no HDE, no baseline
 
     async def start(self, peer_summary: bytes) -> str:
         if self._port is None:

@@ -75,6 +75,9 @@ class Prepare(Message):
     max_downtime_ms: Annotated[int, Field(ge=1)]
     deadline_s: Annotated[float, Field(gt=0)]
     allow_postcopy: bool = False
+    # BLAKE3 (hex) of the source's stored copy of the VM: a destination holding the same copy names
+    # it by this digest in READY's summary instead of listing its tags (docs/hde.md, "Baseline store").
+    baseline_copy: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
 
 
 class Ready(Message):

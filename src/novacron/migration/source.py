@@ -294,6 +294,7 @@ class SourceMigration(MigrationRun):
                 max_downtime_ms=self.max_downtime_ms,
                 deadline_s=self.deadline_s,
                 allow_postcopy=self.allow_postcopy,
+                baseline_copy=self.path.baseline_copy().hex(),
             )
             self.record = await host.records.update(
                 self.id,

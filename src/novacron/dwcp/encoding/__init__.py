@@ -26,7 +26,7 @@ from novacron.dwcp.encoding.errors import (
 from novacron.dwcp.encoding.hashing import DefaultPageHasher, PageHasher
 from novacron.dwcp.encoding.limits import PAGE_SIZE, HdeLimits
 from novacron.dwcp.encoding.session_cache import ArenaPool, CacheArena
-from novacron.dwcp.encoding.summary import BaselineSummary, BaselineView
+from novacron.dwcp.encoding.summary import BaselineSummary, BaselineView, copy_digest
 from novacron.dwcp.encoding.wire import PageKind
 
 __all__ = [
@@ -59,4 +59,5 @@ __all__ = [
     "PageBatch",
     "PageHasher",
     "PageKind",
+    "copy_digest",
 ]

@@ -38,7 +38,7 @@ from novacron.dwcp.encoding.batch import PageBatch
 from novacron.dwcp.encoding.errors import BaselineStoreError, HdeConfigError, HdeReferenceMissing
 from novacron.dwcp.encoding.hashing import TAG_BYTES, PageHasher
 from novacron.dwcp.encoding.limits import PAGE_SIZE
-from novacron.dwcp.encoding.summary import BaselineSummary, CopyTags
+from novacron.dwcp.encoding.summary import BaselineSummary, CopyTags, copy_digest
 from novacron.observability.log import log_event
 
 log = logging.getLogger("novacron.dwcp.encoding.baseline")
@@ -273,19 +273,33 @@ class BaselineStore:
         return pages_map
 
     # -- what the sender is told -------------------------------------------------------------------------
-    def summary(self, vm: str | None) -> BaselineSummary:
-        copy: dict[str, CopyTags] = {}
-        if vm is not None and vm in self._copies:
-            all_tags = self._tags()
-            for name, (idx, rec) in self._copies[vm].items():
-                copy[name] = CopyTags(idx.copy(), np.array(all_tags[rec]))
+    def summary(self, vm: str | None, sender_copy: bytes = b"") -> BaselineSummary:
+        """What the sender is told. ``sender_copy``: the digest of the copy of ``vm`` the sender holds
+        (:func:`copy_digest`); when this store's copy has the same digest, it is named by the digest
+        instead of listing its tags."""
+        copy = self._copy_tags(dict(self._copies.get(vm, {})) if vm is not None else {})
         sorted_fps, sorted_rec = self._index
         if sorted_fps.shape[0] > self.limits.max_summary_fps:
             sorted_fps = sorted_fps[sorted_rec >= self.records - self.limits.max_summary_fps]
-        return BaselineSummary(copy=copy, content_fps=np.unique(sorted_fps))
+        fps = np.unique(sorted_fps)
+        if sender_copy and copy_digest(copy) == sender_copy:
+            return BaselineSummary(content_fps=fps, copy_digest=sender_copy)
+        return BaselineSummary(copy=copy, content_fps=fps)
 
     def session(self, vm: str | None) -> BaselineSession:
         return BaselineSession(self, dict(self._copies.get(vm, {})) if vm is not None else {})
+
+    def own_copy(self, vm: str) -> tuple[dict[str, CopyTags], BaselineSession]:
+        """This store's copy of ``vm`` as the sender uses it: its tags (what a receiver holding the same
+        copy would list, see :meth:`summary`) and a session reading it, from one snapshot of the map."""
+        blocks = dict(self._copies.get(vm, {}))
+        return self._copy_tags(blocks), BaselineSession(self, blocks)
+
+    def _copy_tags(self, blocks: dict[str, tuple[npt.NDArray[np.uint32], I32Array]]) -> dict[str, CopyTags]:
+        if not blocks:
+            return {}
+        all_tags = self._tags()
+        return {name: CopyTags(idx.copy(), np.array(all_tags[rec])) for name, (idx, rec) in blocks.items()}
 
     # -- memory -------------------------------------------------------------------------------------------
     def index_bytes(self) -> int:

@@ -11,6 +11,12 @@ The summary has two parts (``docs/hde.md``, "Baseline summary"):
 
 Both are plain numpy arrays (4 + 16 bytes per address, 8 bytes per distinct page): well under 1 % of the
 memory they describe. Serialised with a versioned header and bounded on parsing.
+
+When the sender holds the very copy the receiver holds (a VM migrated back to where it came from: both
+hosts recorded the same memory with the same cluster key), the first part is redundant: the sender names
+its copy by :func:`copy_digest` and the receiver, finding the same digest, sends that digest instead of
+the per-address tags (version 2, ``copy_digest``). For a 768 MiB guest that is 32 bytes instead of
+~2.4 MB on the link before the migration can start.
 """
 
 from __future__ import annotations
@@ -18,15 +24,19 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+import blake3
 import numpy as np
 import numpy.typing as npt
 
-from novacron.dwcp.encoding.errors import HdeDecodeError
+from novacron.dwcp.encoding.errors import HdeConfigError, HdeDecodeError
 from novacron.dwcp.encoding.hashing import TAG_BYTES
 
 SUMMARY_MAGIC = b"HDS"
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 1  # per-address tags of this VM's copy (or none)
+SUMMARY_VERSION_DIGEST = 2  # the copy named by its digest: the sender holds the same one
+COPY_DIGEST_BYTES = 32
 _HEAD = struct.Struct("<3sBHQ")  # magic, version, block count, content fingerprint count
+_DIGEST = struct.Struct(f"<{COPY_DIGEST_BYTES}s")  # version 2 only, right after the header
 _BLOCK = struct.Struct("<HQ")  # name length, address count
 MAX_SUMMARY_ENTRIES = 1 << 30
 
@@ -37,16 +47,45 @@ class CopyTags:
     tags: npt.NDArray[np.uint8]  # (n, 16)
 
 
+def copy_digest(copy: dict[str, CopyTags]) -> bytes:
+    """BLAKE3 of a copy's address map and tags, blocks in name order (``b""`` for no copy).
+
+    Two hosts holding the same memory of a VM, recorded with the same cluster key, get the same digest;
+    any page that differs changes its keyed tag and so the digest.
+    """
+    if not copy:
+        return b""
+    h = blake3.blake3()
+    for name in sorted(copy):
+        ct = copy[name]
+        raw = name.encode()
+        h.update(_BLOCK.pack(len(raw), ct.index.shape[0]))
+        h.update(raw)
+        h.update(ct.index.astype("<u4").tobytes())
+        h.update(np.ascontiguousarray(ct.tags).tobytes())
+    return h.digest(COPY_DIGEST_BYTES)
+
+
 @dataclass(frozen=True)
 class BaselineSummary:
     copy: dict[str, CopyTags] = field(default_factory=dict)
     content_fps: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    # Set instead of ``copy``: "my copy of this VM is the one with this digest, which you hold".
+    copy_digest: bytes = b""
 
     @property
     def nbytes(self) -> int:
         return int(self.content_fps.nbytes + sum(c.index.nbytes + c.tags.nbytes for c in self.copy.values()))
 
     def to_bytes(self) -> bytes:
+        if self.copy_digest:
+            if self.copy or len(self.copy_digest) != COPY_DIGEST_BYTES:
+                raise HdeConfigError(
+                    "a summary names its copy by a 32-byte digest or by its tags, not both",
+                    digest_bytes=len(self.copy_digest),
+                )
+            head = _HEAD.pack(SUMMARY_MAGIC, SUMMARY_VERSION_DIGEST, 0, self.content_fps.shape[0])
+            return b"".join([head, _DIGEST.pack(self.copy_digest), self.content_fps.astype("<u8").tobytes()])
         parts = [_HEAD.pack(SUMMARY_MAGIC, SUMMARY_VERSION, len(self.copy), self.content_fps.shape[0])]
         for name, ct in self.copy.items():
             raw = name.encode()
@@ -59,13 +98,19 @@ class BaselineSummary:
     def from_bytes(cls, buf: bytes, max_entries: int = MAX_SUMMARY_ENTRIES) -> BaselineSummary:
         try:
             magic, version, nblocks, nfps = _HEAD.unpack_from(buf)
-            if magic != SUMMARY_MAGIC or version != SUMMARY_VERSION:
+            if magic != SUMMARY_MAGIC or version not in (SUMMARY_VERSION, SUMMARY_VERSION_DIGEST):
                 raise HdeDecodeError(
-                    "not an HDE baseline summary v1", magic=bytes(magic).hex(), version=version
+                    "not an HDE baseline summary v1 or v2", magic=bytes(magic).hex(), version=version
                 )
             if nfps > max_entries:
                 raise HdeDecodeError("summary too large", fingerprints=nfps)
             pos = _HEAD.size
+            digest = b""
+            if version == SUMMARY_VERSION_DIGEST:
+                (digest,) = _DIGEST.unpack_from(buf, pos)
+                pos += _DIGEST.size
+                if nblocks != 0 or digest == bytes(COPY_DIGEST_BYTES):
+                    raise HdeDecodeError("summary v2 must name its copy by a digest alone", blocks=nblocks)
             copy: dict[str, CopyTags] = {}
             for _ in range(nblocks):
                 nlen, count = _BLOCK.unpack_from(buf, pos)
@@ -88,7 +133,7 @@ class BaselineSummary:
             raise HdeDecodeError("malformed baseline summary", detail=str(exc)) from exc
         if nfps > 1 and np.any(fps[1:] <= fps[:-1]):
             raise HdeDecodeError("summary fingerprints not sorted and distinct")
-        return cls(copy=copy, content_fps=fps)
+        return cls(copy=copy, content_fps=fps, copy_digest=bytes(digest))
 
 
 class BaselineView:

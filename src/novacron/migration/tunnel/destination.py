@@ -196,11 +196,11 @@ class DestinationTunnel:
         log_event(log, "tunnel.destination.started", vm=self.vm, path=self.kind.value, socket=str(path))
         return f"unix:{path}"
 
-    def summary(self) -> bytes:
+    def summary(self, sender_copy: bytes = b"") -> bytes:
         if self.kind is DataPathKind.PASSTHROUGH or self._store is None:
             return b""
         if self._summary is None:
-            self._summary = self._store.summary(self.vm).to_bytes()
+            self._summary = self._store.summary(self.vm, sender_copy).to_bytes()
         return self._summary
 
     def qemu_bytes(self) -> int:

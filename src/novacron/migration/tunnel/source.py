@@ -24,11 +24,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from novacron.dwcp.encoding import (
     ArenaPool,
+    BaselineSession,
     BaselineStore,
     BaselineSummary,
     BaselineView,
@@ -37,7 +38,9 @@ from novacron.dwcp.encoding import (
     HdeDecodeError,
     HdeEncoder,
     HdeLimits,
+    copy_digest,
 )
+from novacron.dwcp.encoding.summary import CopyTags
 from novacron.dwcp.transport import AmstSession, TransportError
 from novacron.migration.datapath import (
     CHANNEL_QEMU_MAIN,
@@ -153,6 +156,7 @@ class SourceTunnel:
         self._hde_limits = hde_limits or HdeLimits()
         self._cost = cost
         self._store = baseline
+        self._own_copy: tuple[dict[str, CopyTags], BaselineSession] | None = None
         self._bandwidth = bandwidth
         self._rtt = rtt
         self._pacer = Pacer(self.limits, pacing)
@@ -215,15 +219,39 @@ class SourceTunnel:
         log_event(log, "tunnel.source.started", vm=self.vm, path=self.kind.value, socket=str(path))
         return f"unix:{path}"
 
+    def baseline_copy(self) -> bytes:
+        """The digest of this host's stored copy of the VM (``b""`` if none), for PREPARE.
+
+        The copy is snapshotted here: a destination holding the same one names it by this digest in
+        its summary (docs/hde.md, "Baseline store"), and the encoder then reads this very snapshot.
+        """
+        if self.kind is not DataPathKind.TUNNEL or self._store is None:
+            return b""
+        if self._own_copy is None:
+            self._own_copy = self._store.own_copy(self.vm)
+        return copy_digest(self._own_copy[0])
+
     def _start_hde(self, peer_summary: bytes) -> None:
         view: BaselineView | None = None
+        own = self._own_copy
+        if own is None and self._store is not None:
+            own = self._own_copy = self._store.own_copy(self.vm)
         if peer_summary:
             try:
-                view = BaselineView(BaselineSummary.from_bytes(peer_summary))
+                summary = BaselineSummary.from_bytes(peer_summary)
             except HdeDecodeError as exc:
                 raise TunnelError("the destination's baseline summary is malformed", vm=self.vm) from exc
+            if summary.copy_digest:
+                if own is None or not own[0] or copy_digest(own[0]) != summary.copy_digest:
+                    raise TunnelError(
+                        "the destination's summary names a baseline copy this host did not offer",
+                        vm=self.vm,
+                        digest=summary.copy_digest.hex(),
+                    )
+                summary = replace(summary, copy=own[0], copy_digest=b"")
+            view = BaselineView(summary)
             self._summary_bytes = len(peer_summary)
-        peer_copy = self._store.session(self.vm) if self._store is not None else None
+        peer_copy = own[1] if own is not None else None
         key = self._cluster_key
         if key is None:  # checked in __init__; keeps the type checker informed
             raise TunnelError("the HDE tunnel needs the cluster key", vm=self.vm)
