@@ -143,6 +143,19 @@ async def wait_phase(run: MigrationRun, phases: set[Phase], timeout_s: float = 6
     assert await run.wait_phase(phases, timeout_s) in phases
 
 
+async def wait_pages_flow(run: MigrationRun, timeout_s: float = 60) -> None:
+    """Until the source has seen QEMU's migration active with pages sent: its multifd channels are up.
+
+    Losing them while QEMU sets them up is a QEMU 7.2 race of its own that can abort the source
+    (docs/hypervisor.md; tests/test_qemu_stuck.py); "mid-precopy" here means after it. Read from the
+    run's own samples: a second QMP client polling the command monitor is itself a load on QEMU."""
+    async with asyncio.timeout(timeout_s):
+        while not (run.progress.qemu_status == "active" and run.progress.bytes_raw > 1 << 20):
+            if run.done.is_set():
+                raise AssertionError(f"the migration ended before pages flowed: {run.record}")
+            await asyncio.sleep(0.05)  # the run samples QEMU on its own clock: poll its last sample
+
+
 async def test_destination_qemu_killed_mid_precopy(hosts: tuple[SimHost, SimHost]) -> None:
     a, b = hosts
     a.link.link_bps = 40e6
@@ -150,6 +163,7 @@ async def test_destination_qemu_killed_mid_precopy(hosts: tuple[SimHost, SimHost
     _, checksum, _ = await guest_facts(a, "g4")
     run = await a.service.migrate(MigrationRequest("g4", "hostb", mode=Mode.DATACENTER))
     await wait_phase(run, {Phase.PRECOPY})
+    await wait_pages_flow(run)
     status = await b.driver.status("g4")
     assert status.state is VMState.INCOMING and status.pid is not None
     os.kill(status.pid, signal.SIGKILL)
@@ -159,6 +173,30 @@ async def test_destination_qemu_killed_mid_precopy(hosts: tuple[SimHost, SimHost
     assert dest.outcome == "failed" and dest.error is not None
     assert "QEMU" in dest.error.message or "QEMU" in record.error.message
     await assert_runs_once_intact(a, b, "g4", "hosta", checksum)
+
+
+async def test_source_qemu_killed_mid_precopy_is_named(hosts: tuple[SimHost, SimHost]) -> None:
+    a, b = hosts
+    a.link.link_bps = 40e6
+    await boot(a, "g6")
+    run = await a.service.migrate(MigrationRequest("g6", "hostb", mode=Mode.DATACENTER))
+    await wait_phase(run, {Phase.PRECOPY})
+    await wait_pages_flow(run)
+    status = await a.driver.status("g6")
+    assert status.pid is not None
+    os.kill(status.pid, signal.SIGKILL)
+    record = await asyncio.wait_for(run.wait(), 60)
+    assert record.outcome == "failed" and record.error is not None
+    assert record.error.message.startswith("the source QEMU exited during the migration"), record.error
+    assert record.error.context["cause"]  # what the lost monitor interrupted is kept
+    assert "source QEMU is gone" in record.events
+    dest_run = b.service.live(run.id)  # the destination rolls back on the source's ABORT, on its own time
+    dest = await asyncio.wait_for(dest_run.wait(), 60) if dest_run is not None else None
+    dest = dest or await b.host.records.get(run.id, "destination")
+    assert dest.outcome == "failed" and not dest.resumed
+    assert dest.error is not None and "the source QEMU exited" in dest.error.message
+    assert await running_copies(a, b, "g6") == []
+    assert not b.driver.is_defined("g6")
 
 
 async def test_control_link_cut_mid_precopy_and_cancel(hosts: tuple[SimHost, SimHost]) -> None:

@@ -342,7 +342,9 @@ class QemuDriver:
         path = rd.events_socket if events else rd.qmp_socket
         try:
             await asyncio.wait_for(client.connect(str(path)), self.limits.qmp_connect_timeout_s)
-        except (TimeoutError, ConnectError, OSError, EOFError) as exc:
+        # qemu.qmp asserts it is running when connect() returns; a QEMU that closes the socket right
+        # after the greeting (killed or quitting) leaves it disconnecting instead: the same failure.
+        except (TimeoutError, ConnectError, OSError, EOFError, AssertionError) as exc:
             with contextlib.suppress(LibQMPError, OSError, EOFError):
                 await client.disconnect()
             raise QMPError(

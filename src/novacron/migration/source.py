@@ -74,7 +74,7 @@ from novacron.migration.orchestrator import MigrationRun, error_info, wall
 from novacron.migration.phases import Phase
 from novacron.migration.planning import choose_plan, link_view
 from novacron.migration.qemu import FINAL_STATUSES, STUCK_NOTE, MigrationMonitor, migration_monitor
-from novacron.migration.records import MigrationRecord, Progress
+from novacron.migration.records import ErrorInfo, MigrationRecord, Progress
 from novacron.observability import metrics
 from novacron.observability.log import log_event
 from novacron.store.ownership import MigrationLock, NotOwned
@@ -678,6 +678,7 @@ class SourceMigration(MigrationRun):
             return
         if self.phase is Phase.ROLLBACK or self.machine.final:
             return
+        info = await self._source_qemu_exit(info)
         # The error first (the record says why whatever happens next), then stop QEMU's migration.
         self.record = await self.host.records.update(self.id, "source", error=info)
         code = "cancelled" if cancelled else "failed"
@@ -703,6 +704,23 @@ class SourceMigration(MigrationRun):
                     await self.note(STUCK_NOTE)
         final = Phase.CANCELLED if cancelled else Phase.FAILED
         await self.enter(final, outcome="cancelled" if cancelled else "failed", progress=self.progress)
+
+    async def _source_qemu_exit(self, info: ErrorInfo) -> ErrorInfo:
+        """A lost QMP monitor mostly means the source QEMU died (QEMU 7.2 can abort when its multifd
+        channels break during setup, docs/hypervisor.md): then that is the error, with QEMU's last
+        words, rather than the QMP command it interrupted."""
+        if self.monitor is None or not self.monitor.lost.is_set():
+            return info
+        try:
+            status = await self.host.driver.status(self.vm)
+        except (NovacronError, OSError):
+            return info
+        if status.state is not VMState.CRASHED:
+            return info
+        said = [x.removeprefix("qemu.log: ") for x in status.log_tail if x.startswith("qemu.log: ")]
+        last = next((x for x in reversed(said) if x.strip()), "")
+        message = "the source QEMU exited during the migration" + (f": {last}" if last else "")
+        return error_info(self.error(MigrationError, message, cause=info.message), self.phase)
 
     async def _stop_qemu_migration(self) -> bool:
         """Cancel QEMU's migration if it runs; True if the source QEMU had completed (it is paused)."""
