@@ -82,6 +82,7 @@ async def test_kill_9_is_reported_as_crashed_and_vm_restarts(tmp_path: Path) -> 
         st = await g.driver.status("crashy")
         assert st.state == VMState.CRASHED and st.detail and "without a recorded stop" in st.detail
         assert any("NOVACRON-READY" in line for line in st.log_tail)
+        assert st.last_words == ""  # SIGKILL: QEMU wrote nothing after our start marker
         # A second look still says crashed (the verdict is recorded), and the VM can start again.
         assert (await g.driver.status("crashy")).state == VMState.CRASHED
         again = await g.driver.start("crashy")

@@ -41,6 +41,7 @@ class VMStatus:
     run_dir: Path | None = None
     detail: str | None = None  # why it crashed: last lines of qemu.log and console.log
     log_tail: tuple[str, ...] = field(default=())
+    last_words: str = ""  # crashed: the last line QEMU itself wrote since its last start ("" if none)
 
     @property
     def alive(self) -> bool:

@@ -48,6 +48,7 @@ from novacron.paths import state_dir
 
 log = logging.getLogger("novacron.hypervisor.qemu")
 
+START_MARK = "--- "  # opens each start's section of qemu.log (what follows is QEMU's own output)
 DEFAULT_QEMU_BINARY = "qemu-system-x86_64"
 # Under TCG, QEMU 7.2 clears a page's migration dirty bit without dropping the software-TLB entries
 # that let writes to it skip dirty tracking (include/exec/ram_addr.h, the aligned fast path of
@@ -253,7 +254,8 @@ class QemuDriver:
             offset = rd.console_log.stat().st_size if rd.console_log.exists() else 0
             argv = self._argv(rd, spec, verdict.accel, incoming)
             with rd.qemu_log.open("ab") as qlog:
-                qlog.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} start accel={verdict.accel}\n".encode())
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+                qlog.write(f"{START_MARK}{stamp} start accel={verdict.accel}\n".encode())
             pid = self._spawn_detached(argv, rd.qemu_log)
             state = RunState(
                 pid=pid,
@@ -399,6 +401,8 @@ class QemuDriver:
         clog = [line for line in self.console_log(rd.name, since_start=True).splitlines()[-n:]]
         detail = "QEMU process is gone without a recorded stop"
         tail = (*(f"qemu.log: {x}" for x in qlog), *(f"console: {x}" for x in clog))
+        start = max((i for i, x in enumerate(qlog) if x.startswith(START_MARK)), default=-1)
+        said = next((x for x in reversed(qlog[start + 1 :]) if x.strip()), "")
         return VMStatus(
             name=rd.name,
             state=VMState.CRASHED,
@@ -407,6 +411,7 @@ class QemuDriver:
             run_dir=rd.path,
             detail=detail,
             log_tail=tail,
+            last_words=said,
         )
 
     async def _status(self, rd: RunDir) -> VMStatus:

@@ -717,9 +717,8 @@ class SourceMigration(MigrationRun):
             return info
         if status.state is not VMState.CRASHED:
             return info
-        said = [x.removeprefix("qemu.log: ") for x in status.log_tail if x.startswith("qemu.log: ")]
-        last = next((x for x in reversed(said) if x.strip()), "")
-        message = "the source QEMU exited during the migration" + (f": {last}" if last else "")
+        said = status.last_words
+        message = "the source QEMU exited during the migration" + (f": {said}" if said else "")
         return error_info(self.error(MigrationError, message, cause=info.message), self.phase)
 
     async def _stop_qemu_migration(self) -> bool:
