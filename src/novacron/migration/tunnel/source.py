@@ -103,6 +103,15 @@ def raw_label(index: int | None) -> str:
     return "main" if index is None else f"multifd-{index}"
 
 
+@dataclass(frozen=True)
+class _OwnCopy:
+    """This host's stored copy of the VM, snapshotted once per migration."""
+
+    tags: dict[str, CopyTags]  # what a receiver holding the same copy would list
+    session: BaselineSession  # the encoder's reader of that snapshot
+    digest: bytes  # copy_digest(tags): b"" when this host holds no copy
+
+
 @dataclass
 class _End:
     total: int
@@ -156,7 +165,7 @@ class SourceTunnel:
         self._hde_limits = hde_limits or HdeLimits()
         self._cost = cost
         self._store = baseline
-        self._own_copy: tuple[dict[str, CopyTags], BaselineSession] | None = None
+        self._own_copy: _OwnCopy | None = None
         self._bandwidth = bandwidth
         self._rtt = rtt
         self._pacer = Pacer(self.limits, pacing)
@@ -225,33 +234,36 @@ class SourceTunnel:
         The copy is snapshotted here: a destination holding the same one names it by this digest in
         its summary (docs/hde.md, "Baseline store"), and the encoder then reads this very snapshot.
         """
-        if self.kind is not DataPathKind.TUNNEL or self._store is None:
-            return b""
+        own = self._own() if self.kind is DataPathKind.TUNNEL else None
+        return own.digest if own is not None else b""
+
+    def _own(self) -> _OwnCopy | None:
+        if self._store is None:
+            return None
         if self._own_copy is None:
-            self._own_copy = self._store.own_copy(self.vm)
-        return copy_digest(self._own_copy[0])
+            tags, session = self._store.own_copy(self.vm)
+            self._own_copy = _OwnCopy(tags, session, copy_digest(tags))
+        return self._own_copy
 
     def _start_hde(self, peer_summary: bytes) -> None:
         view: BaselineView | None = None
-        own = self._own_copy
-        if own is None and self._store is not None:
-            own = self._own_copy = self._store.own_copy(self.vm)
+        own = self._own()
         if peer_summary:
             try:
                 summary = BaselineSummary.from_bytes(peer_summary)
             except HdeDecodeError as exc:
                 raise TunnelError("the destination's baseline summary is malformed", vm=self.vm) from exc
             if summary.copy_digest:
-                if own is None or not own[0] or copy_digest(own[0]) != summary.copy_digest:
+                if own is None or own.digest != summary.copy_digest:
                     raise TunnelError(
                         "the destination's summary names a baseline copy this host did not offer",
                         vm=self.vm,
                         digest=summary.copy_digest.hex(),
                     )
-                summary = replace(summary, copy=own[0], copy_digest=b"")
+                summary = replace(summary, copy=own.tags, copy_digest=b"")
             view = BaselineView(summary)
             self._summary_bytes = len(peer_summary)
-        peer_copy = own[1] if own is not None else None
+        peer_copy = own.session if own is not None else None
         key = self._cluster_key
         if key is None:  # checked in __init__; keeps the type checker informed
             raise TunnelError("the HDE tunnel needs the cluster key", vm=self.vm)
