@@ -207,6 +207,49 @@ def test_a_receiver_holding_the_senders_copy_names_it_by_digest(tmp_path: Path) 
     sender.close()
 
 
+def test_summary_v3_leaves_out_the_named_copys_fingerprints(tmp_path: Path) -> None:
+    """A receiver naming the sender's copy lists only the fingerprints of its other content; the
+    sender adds its own copy's and then encodes exactly as with the full list, moved pages included
+    (found by content, not address), and the receiver decodes the result."""
+    old, _, receiver, sender = both_hold_a_copy(tmp_path, seed=23)
+    sibling = text_pages(np.random.default_rng(24), 64)
+    receiver.add_content(sibling)
+    own_tags, own_session = sender.own_copy("vm1")
+    digest = copy_digest(own_tags)
+    full = receiver.summary("vm1")
+    v2 = receiver.summary("vm1", digest)
+    raw = receiver.summary("vm1", digest, omit_copy_fps=True).to_bytes()
+    v3 = BaselineSummary.from_bytes(raw)
+    assert raw[3] == 3 and v3.copy_fps_omitted and v3.copy_digest == digest
+    sibling_fps = np.unique(HASHER.fingerprints(sibling))
+    assert np.array_equal(v3.content_fps, sibling_fps)  # the copy's pages are left out, the rest kept
+    assert len(v2.to_bytes()) - len(raw) == 8 * (full.content_fps.shape[0] - sibling_fps.shape[0])
+    resolved = v3.with_own_copy(own_tags, own_session.fingerprints())
+    assert np.array_equal(resolved.content_fps, full.content_fps)
+    assert resolved.copy.keys() == full.copy.keys()
+    assert np.array_equal(resolved.copy["pc.ram"].tags, full.copy["pc.ram"].tags)
+    # A v2 summary (an older receiver) already lists everything: the sender adds nothing.
+    assert np.array_equal(
+        BaselineSummary.from_bytes(v2.to_bytes()).with_own_copy(own_tags, sibling_fps).content_fps,
+        full.content_fps,
+    )
+
+    moved = np.roll(old, 37, axis=0)  # every page at another address: only its content matches
+    moved[:8] = sibling[:8]
+    pages = [batch("pc.ram", range(i, i + 128), moved[i : i + 128]) for i in range(0, moved.shape[0], 128)]
+    outputs = []
+    for summary in (full, resolved):
+        enc = HdeEncoder(HASHER, LIM, baseline=BaselineView(summary), peer_copy=own_session)
+        outputs.append([enc.encode(b) for b in pages])
+    assert outputs[0] == outputs[1]
+    dec = HdeDecoder(LIM, baseline=receiver.session("vm1"))
+    for b, wire in zip(pages, outputs[1], strict=True):
+        assert dec.decode(wire).data == b.data
+    assert enc.stats.pages_by_kind[PageKind.BASE_CONTENT] > moved.shape[0] // 2
+    receiver.close()
+    sender.close()
+
+
 def test_copy_digest_changes_with_any_page_of_the_copy(tmp_path: Path) -> None:
     pages = vm_memory(22, 256)
     digests = []
@@ -231,3 +274,10 @@ def test_summary_v2_is_checked_on_parsing() -> None:
             BaselineSummary.from_bytes(bad)
     with pytest.raises(HdeConfigError):
         BaselineSummary(content_fps=fps, copy_digest=b"short").to_bytes()
+    with pytest.raises(HdeConfigError, match="only a summary naming its copy"):
+        BaselineSummary(content_fps=fps, copy_fps_omitted=True).to_bytes()
+    v3 = BaselineSummary(content_fps=fps, copy_digest=b"\x07" * 32, copy_fps_omitted=True).to_bytes()
+    assert v3[3] == 3 and BaselineSummary.from_bytes(v3).copy_fps_omitted
+    for bad_version in (0, 4):
+        with pytest.raises(HdeDecodeError, match="v1, v2 or v3"):
+            BaselineSummary.from_bytes(v3[:3] + bytes([bad_version]) + v3[4:])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from novacron.dwcp.encoding import BaselineStore, BaselineSummary, DefaultPageHasher
+from novacron.dwcp.encoding import BaselineStore, BaselineSummary, DefaultPageHasher, PageBatch, copy_digest
 from novacron.dwcp.transport import AmstListener, AmstSession, connect_session
 from novacron.migration.datapath import ChannelRouter, DataPathError, DataPathKind, QemuMigrationSettings
 from novacron.migration.tunnel import DestinationTunnel, SourceTunnel, TunnelLimits
@@ -519,3 +519,25 @@ async def test_a_summary_naming_a_copy_the_source_did_not_offer_is_refused(
         with pytest.raises(TunnelError, match="did not offer"):
             await src.start(summary.to_bytes())
         await src.close()
+
+
+@pytest.mark.parametrize("source_reads", [2, 3])
+async def test_the_destination_sends_the_summary_version_the_source_reads(
+    sessions: tuple[AmstSession, AmstSession], tmp_path: Path, source_reads: int
+) -> None:
+    """A source that predates summary v3 (PREPARE without ``summary_version``: 2) gets a v2 summary
+    listing every fingerprint; one that reads v3 gets the named copy's fingerprints left out."""
+    _, dst_session = sessions
+    pages = np.random.default_rng(31).integers(1, 255, size=(16, PAGE_SIZE), dtype=np.uint8)
+    with BaselineStore(tmp_path / "store", DefaultPageHasher(KEY)) as store:
+        store.add_batch(
+            "vm1", PageBatch("pc.ram", np.arange(16, dtype=np.uint64) * PAGE_SIZE, pages.tobytes())
+        )
+        digest = copy_digest(store.own_copy("vm1")[0])
+        dst = DestinationTunnel(
+            ChannelRouter(dst_session), vm="vm1", workdir=tmp_path / "dst", settings=SETTINGS, baseline=store
+        )
+        summary = BaselineSummary.from_bytes(dst.summary(digest, source_reads))
+    assert summary.copy_digest == digest and summary.copy == {}
+    assert summary.copy_fps_omitted is (source_reads >= 3)
+    assert summary.content_fps.shape[0] == (0 if source_reads >= 3 else 16)

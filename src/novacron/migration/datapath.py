@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from novacron.dwcp.encoding.summary import SUMMARY_VERSION_DIGEST
 from novacron.errors import NovacronError
 from novacron.observability.log import log_event
 
@@ -235,9 +236,10 @@ class DestinationDataPath(Protocol):
         """Prepare to feed the destination QEMU; returns the URI for QMP ``migrate-incoming``."""
         ...
 
-    def summary(self, sender_copy: bytes = b"") -> bytes:
+    def summary(self, sender_copy: bytes = b"", sender_reads: int = SUMMARY_VERSION_DIGEST) -> bytes:
         """This host's baseline summary for the sender (``b""`` if none); ``sender_copy`` is the
-        digest PREPARE gave of the sender's own copy of the VM."""
+        digest PREPARE gave of the sender's own copy of the VM, ``sender_reads`` the newest summary
+        version the sender reads."""
         ...
 
     def stats(self) -> DataPathStats: ...

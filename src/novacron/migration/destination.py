@@ -323,7 +323,9 @@ class DestinationMigration(MigrationRun):
                 Ready(
                     migration_id=self.id,
                     incoming_uri=uri,
-                    summary=path.summary(bytes.fromhex(self.prepare.baseline_copy)),
+                    summary=path.summary(
+                        bytes.fromhex(self.prepare.baseline_copy), self.prepare.summary_version
+                    ),
                     qemu_version=await monitor.version(),
                 )
             )

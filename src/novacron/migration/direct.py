@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from novacron.dwcp.encoding.summary import SUMMARY_VERSION_DIGEST
 from novacron.errors import NovacronError
 from novacron.migration.datapath import DataPathError, DataPathKind, DataPathStats, QemuMigrationSettings
 from novacron.migration.errors import MigrationInputError
@@ -213,7 +214,7 @@ class DirectDestinationPath:
     async def start(self) -> str:
         return f"tcp:{self.config.listen_host}:0"
 
-    def summary(self, sender_copy: bytes = b"") -> bytes:
+    def summary(self, sender_copy: bytes = b"", sender_reads: int = SUMMARY_VERSION_DIGEST) -> bytes:
         return b""
 
     def stats(self) -> DataPathStats:

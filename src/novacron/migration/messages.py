@@ -78,6 +78,8 @@ class Prepare(Message):
     # BLAKE3 (hex) of the source's stored copy of the VM: a destination holding the same copy names
     # it by this digest in READY's summary instead of listing its tags (docs/hde.md, "Baseline store").
     baseline_copy: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
+    # The newest baseline summary version the source reads (3: a named copy's fingerprints left out).
+    summary_version: Annotated[int, Field(ge=1, le=255)] = 2
 
 
 class Ready(Message):

@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from novacron.dwcp.encoding.summary import SUMMARY_VERSION_NAMED
 from novacron.dwcp.mode import Mode
 from novacron.errors import NovacronError
 from novacron.hypervisor.driver import StopMode, VMState
@@ -295,6 +296,7 @@ class SourceMigration(MigrationRun):
                 deadline_s=self.deadline_s,
                 allow_postcopy=self.allow_postcopy,
                 baseline_copy=self.path.baseline_copy().hex(),
+                summary_version=SUMMARY_VERSION_NAMED,
             )
             self.record = await host.records.update(
                 self.id,
@@ -648,7 +650,12 @@ class SourceMigration(MigrationRun):
                 self.progress = self.progress.model_copy(update={"bytes_wire": stats.transport_bytes})
             if stats.codec_batches:  # what HDE's cost model chose, and what it cost
                 codecs = ", ".join(f"{name} {n}" for name, n in sorted(stats.codec_batches.items()))
-                await self.note(f"HDE batches: {codecs}; encoding took {stats.encode_seconds:.1f} s")
+                summary = (
+                    f"; the destination's baseline summary took {stats.baseline_summary_bytes:,} bytes"
+                    if stats.baseline_summary_bytes
+                    else ""
+                )
+                await self.note(f"HDE batches: {codecs}; encoding took {stats.encode_seconds:.1f} s{summary}")
         await self.enter(Phase.DONE, outcome="done", owner_epoch=owner.epoch, progress=self.progress)
         log_event(
             log, "migration.done", downtime_ms=downtime, bytes_wire=self.progress.bytes_wire, **self.ctx()

@@ -262,6 +262,15 @@ class BaselineStore:
             raise BaselineStoreError("baseline record out of range", records=self.records)
         return np.asarray(self._pages()[recs])
 
+    def fingerprints(self, recs: I32Array) -> npt.NDArray[np.uint64]:
+        """The sorted, distinct fingerprints of these records (read from ``fps.dat``)."""
+        if recs.shape[0] == 0:
+            return np.zeros(0, dtype=np.uint64)
+        if int(recs.min()) < 0 or int(recs.max()) >= self.records:
+            raise BaselineStoreError("baseline record out of range", records=self.records)
+        fps_map = np.memmap(self.dir / "fps.dat", dtype="<u8", mode="r", shape=(self.records,))
+        return np.unique(np.asarray(fps_map[recs])).astype(np.uint64)
+
     def _pages(self) -> U8Array:
         """A read-only map of pages.dat (re-made when records were added)."""
         pages_map, records = self._pages_map, self.records
@@ -273,17 +282,26 @@ class BaselineStore:
         return pages_map
 
     # -- what the sender is told -------------------------------------------------------------------------
-    def summary(self, vm: str | None, sender_copy: bytes = b"") -> BaselineSummary:
+    def summary(
+        self, vm: str | None, sender_copy: bytes = b"", *, omit_copy_fps: bool = False
+    ) -> BaselineSummary:
         """What the sender is told. ``sender_copy``: the digest of the copy of ``vm`` the sender holds
         (:func:`copy_digest`); when this store's copy has the same digest, it is named by the digest
-        instead of listing its tags."""
-        copy = self._copy_tags(dict(self._copies.get(vm, {})) if vm is not None else {})
+        instead of listing its tags, and with ``omit_copy_fps`` (a sender that reads summary v3) the
+        fingerprints listed leave out that copy's pages, which the sender holds itself."""
+        blocks = dict(self._copies.get(vm, {})) if vm is not None else {}
+        copy = self._copy_tags(blocks)
         sorted_fps, sorted_rec = self._index
         if sorted_fps.shape[0] > self.limits.max_summary_fps:
-            sorted_fps = sorted_fps[sorted_rec >= self.records - self.limits.max_summary_fps]
+            newest = sorted_rec >= self.records - self.limits.max_summary_fps
+            sorted_fps, sorted_rec = sorted_fps[newest], sorted_rec[newest]
+        named = bool(sender_copy) and copy_digest(copy) == sender_copy
+        if named and omit_copy_fps and blocks:
+            rest = ~np.isin(sorted_rec, np.concatenate([rec for _, rec in blocks.values()]))
+            sorted_fps = sorted_fps[rest]
         fps = np.unique(sorted_fps)
-        if sender_copy and copy_digest(copy) == sender_copy:
-            return BaselineSummary(content_fps=fps, copy_digest=sender_copy)
+        if named:
+            return BaselineSummary(content_fps=fps, copy_digest=sender_copy, copy_fps_omitted=omit_copy_fps)
         return BaselineSummary(copy=copy, content_fps=fps)
 
     def session(self, vm: str | None) -> BaselineSession:
@@ -334,6 +352,11 @@ class BaselineSession:
                 "baseline copy lacks addresses", block=block, seq=seq, missing=int((~hit).sum())
             )
         return self._store.read(rec[pos])
+
+    def fingerprints(self) -> npt.NDArray[np.uint64]:
+        """The sorted, distinct fingerprints of this snapshot's pages (what a summary v3 leaves out)."""
+        recs = [rec for _, rec in self._copy.values()]
+        return self._store.fingerprints(np.concatenate(recs) if recs else np.zeros(0, np.int32))
 
     def copy_pages(
         self, block: str, index: npt.NDArray[np.uint64]

@@ -16,7 +16,9 @@ When the sender holds the very copy the receiver holds (a VM migrated back to wh
 hosts recorded the same memory with the same cluster key), the first part is redundant: the sender names
 its copy by :func:`copy_digest` and the receiver, finding the same digest, sends that digest instead of
 the per-address tags (version 2, ``copy_digest``). For a 768 MiB guest that is 32 bytes instead of
-~2.4 MB on the link before the migration can start.
+~2.4 MB on the link before the migration can start. Version 3 leaves out, as well, the fingerprints of
+the named copy's own pages (~1 MB more for that guest): the sender holds those pages and adds their
+fingerprints itself (:meth:`BaselineSummary.with_own_copy`).
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from novacron.dwcp.encoding.hashing import TAG_BYTES
 SUMMARY_MAGIC = b"HDS"
 SUMMARY_VERSION = 1  # per-address tags of this VM's copy (or none)
 SUMMARY_VERSION_DIGEST = 2  # the copy named by its digest: the sender holds the same one
+SUMMARY_VERSION_NAMED = 3  # ... and the fingerprints listed are those of the rest of the store only
+SUMMARY_VERSIONS = (SUMMARY_VERSION, SUMMARY_VERSION_DIGEST, SUMMARY_VERSION_NAMED)
 COPY_DIGEST_BYTES = 32
 _HEAD = struct.Struct("<3sBHQ")  # magic, version, block count, content fingerprint count
-_DIGEST = struct.Struct(f"<{COPY_DIGEST_BYTES}s")  # version 2 only, right after the header
+_DIGEST = struct.Struct(f"<{COPY_DIGEST_BYTES}s")  # versions 2 and 3, right after the header
 _BLOCK = struct.Struct("<HQ")  # name length, address count
 MAX_SUMMARY_ENTRIES = 1 << 30
 
@@ -72,6 +76,8 @@ class BaselineSummary:
     content_fps: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
     # Set instead of ``copy``: "my copy of this VM is the one with this digest, which you hold".
     copy_digest: bytes = b""
+    # With ``copy_digest``: whether ``content_fps`` leaves out the named copy's pages (version 3).
+    copy_fps_omitted: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -84,8 +90,11 @@ class BaselineSummary:
                     "a summary names its copy by a 32-byte digest or by its tags, not both",
                     digest_bytes=len(self.copy_digest),
                 )
-            head = _HEAD.pack(SUMMARY_MAGIC, SUMMARY_VERSION_DIGEST, 0, self.content_fps.shape[0])
+            version = SUMMARY_VERSION_NAMED if self.copy_fps_omitted else SUMMARY_VERSION_DIGEST
+            head = _HEAD.pack(SUMMARY_MAGIC, version, 0, self.content_fps.shape[0])
             return b"".join([head, _DIGEST.pack(self.copy_digest), self.content_fps.astype("<u8").tobytes()])
+        if self.copy_fps_omitted:
+            raise HdeConfigError("only a summary naming its copy by digest can leave out its fingerprints")
         parts = [_HEAD.pack(SUMMARY_MAGIC, SUMMARY_VERSION, len(self.copy), self.content_fps.shape[0])]
         for name, ct in self.copy.items():
             raw = name.encode()
@@ -98,19 +107,21 @@ class BaselineSummary:
     def from_bytes(cls, buf: bytes, max_entries: int = MAX_SUMMARY_ENTRIES) -> BaselineSummary:
         try:
             magic, version, nblocks, nfps = _HEAD.unpack_from(buf)
-            if magic != SUMMARY_MAGIC or version not in (SUMMARY_VERSION, SUMMARY_VERSION_DIGEST):
+            if magic != SUMMARY_MAGIC or version not in SUMMARY_VERSIONS:
                 raise HdeDecodeError(
-                    "not an HDE baseline summary v1 or v2", magic=bytes(magic).hex(), version=version
+                    "not an HDE baseline summary v1, v2 or v3", magic=bytes(magic).hex(), version=version
                 )
             if nfps > max_entries:
                 raise HdeDecodeError("summary too large", fingerprints=nfps)
             pos = _HEAD.size
             digest = b""
-            if version == SUMMARY_VERSION_DIGEST:
+            if version != SUMMARY_VERSION:
                 (digest,) = _DIGEST.unpack_from(buf, pos)
                 pos += _DIGEST.size
                 if nblocks != 0 or digest == bytes(COPY_DIGEST_BYTES):
-                    raise HdeDecodeError("summary v2 must name its copy by a digest alone", blocks=nblocks)
+                    raise HdeDecodeError(
+                        f"summary v{version} must name its copy by a digest alone", blocks=nblocks
+                    )
             copy: dict[str, CopyTags] = {}
             for _ in range(nblocks):
                 nlen, count = _BLOCK.unpack_from(buf, pos)
@@ -133,7 +144,18 @@ class BaselineSummary:
             raise HdeDecodeError("malformed baseline summary", detail=str(exc)) from exc
         if nfps > 1 and np.any(fps[1:] <= fps[:-1]):
             raise HdeDecodeError("summary fingerprints not sorted and distinct")
-        return cls(copy=copy, content_fps=fps, copy_digest=bytes(digest))
+        return cls(
+            copy=copy,
+            content_fps=fps,
+            copy_digest=bytes(digest),
+            copy_fps_omitted=version == SUMMARY_VERSION_NAMED,
+        )
+
+    def with_own_copy(self, tags: dict[str, CopyTags], fps: npt.NDArray[np.uint64]) -> BaselineSummary:
+        """The sender's full view of a summary that named its copy: ``tags`` and the sorted, distinct
+        fingerprints ``fps`` of the sender's own snapshot of that copy (the one with this digest)."""
+        content = np.union1d(self.content_fps, fps) if self.copy_fps_omitted else self.content_fps
+        return BaselineSummary(copy=tags, content_fps=content.astype(np.uint64))
 
 
 class BaselineView:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from novacron.dwcp.encoding import ArenaPool, BaselineStore, HdeDecodeError
+from novacron.dwcp.encoding.summary import SUMMARY_VERSION_DIGEST, SUMMARY_VERSION_NAMED
 from novacron.dwcp.transport import TransportError
 from novacron.migration.datapath import (
     CHANNEL_QEMU_MAIN,
@@ -196,11 +197,12 @@ class DestinationTunnel:
         log_event(log, "tunnel.destination.started", vm=self.vm, path=self.kind.value, socket=str(path))
         return f"unix:{path}"
 
-    def summary(self, sender_copy: bytes = b"") -> bytes:
+    def summary(self, sender_copy: bytes = b"", sender_reads: int = SUMMARY_VERSION_DIGEST) -> bytes:
         if self.kind is DataPathKind.PASSTHROUGH or self._store is None:
             return b""
         if self._summary is None:
-            self._summary = self._store.summary(self.vm, sender_copy).to_bytes()
+            omit = sender_reads >= SUMMARY_VERSION_NAMED
+            self._summary = self._store.summary(self.vm, sender_copy, omit_copy_fps=omit).to_bytes()
         return self._summary
 
     def qemu_bytes(self) -> int:

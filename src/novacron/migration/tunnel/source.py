@@ -24,8 +24,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
 
 from novacron.dwcp.encoding import (
     ArenaPool,
@@ -110,6 +113,7 @@ class _OwnCopy:
     tags: dict[str, CopyTags]  # what a receiver holding the same copy would list
     session: BaselineSession  # the encoder's reader of that snapshot
     digest: bytes  # copy_digest(tags): b"" when this host holds no copy
+    fps: npt.NDArray[np.uint64]  # sorted distinct fingerprints of its pages (a summary v3 omits them)
 
 
 @dataclass
@@ -242,7 +246,7 @@ class SourceTunnel:
             return None
         if self._own_copy is None:
             tags, session = self._store.own_copy(self.vm)
-            self._own_copy = _OwnCopy(tags, session, copy_digest(tags))
+            self._own_copy = _OwnCopy(tags, session, copy_digest(tags), session.fingerprints())
         return self._own_copy
 
     def _start_hde(self, peer_summary: bytes) -> None:
@@ -260,7 +264,7 @@ class SourceTunnel:
                         vm=self.vm,
                         digest=summary.copy_digest.hex(),
                     )
-                summary = replace(summary, copy=own.tags, copy_digest=b"")
+                summary = summary.with_own_copy(own.tags, own.fps)
             view = BaselineView(summary)
             self._summary_bytes = len(peer_summary)
         peer_copy = own.session if own is not None else None
