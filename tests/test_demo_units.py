@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from novacron.demo import DemoInputError, DemoResult, DemoSettings, parse_link
+from novacron.demo.settings import DemoInputError, DemoSettings, parse_link
+from novacron.demo.summary import DemoResult
 from novacron.testing.migration_runs import Row, summarize, with_ratios_and_goals
 from novacron.testing.qemu_migration import wait_heartbeat
 

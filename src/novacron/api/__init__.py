@@ -1,6 +1,6 @@
-"""The REST API (FastAPI): app factory, routers per resource, auth/RBAC/audit, and its client."""
+"""The REST API (FastAPI): app factory (``novacron.api.app``), routers per resource, auth/RBAC/audit,
+and its client (``novacron.api.client``).
 
-from novacron.api.app import ApiServices, create_app
-from novacron.api.config import ApiConfig, ApiLimits
-
-__all__ = ["ApiConfig", "ApiLimits", "ApiServices", "create_app"]
+Nothing is imported here: the CLI imports the client alone, without FastAPI and every route (about a
+second of start-up on this project's hosts).
+"""

@@ -13,7 +13,6 @@ import typer
 
 from novacron.agent.allocator import tune_allocator
 from novacron.agent.config import load_config
-from novacron.agent.daemon import read_cluster_key, run_agent, write_cluster_key
 from novacron.cli.output import console, emit_json, run_command
 from novacron.errors import UserError
 from novacron.observability.log import configure
@@ -34,6 +33,8 @@ def run(config: ConfigOpt) -> None:
         os.environ["NOVACRON_STATE_DIR"] = str(cfg.state_dir)
         configure(LEVELS[cfg.log_level], json_output=cfg.log_json)
         tune_allocator()
+        from novacron.agent.daemon import run_agent
+
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -48,6 +49,8 @@ def check(config: ConfigOpt, as_json: Annotated[bool, typer.Option("--json")] = 
     """Validate a configuration file and print what the agent would use."""
 
     def body() -> dict[str, object]:
+        from novacron.agent.daemon import read_cluster_key
+
         cfg = load_config(config)
         key = read_cluster_key(cfg.cluster_key_path)
         return {
@@ -77,6 +80,8 @@ def keygen(
     """Create a cluster key (HDE content tags); copy the same file to every agent of the cluster."""
 
     def body() -> Path:
+        from novacron.agent.daemon import write_cluster_key
+
         if out.exists():
             raise UserError("the cluster key file exists already; refusing to replace it", file=str(out))
         return write_cluster_key(out)

@@ -11,11 +11,9 @@ from typing import Annotated
 
 import typer
 
-from novacron.api.app import access_table_markdown, build_services, create_app, route_matrix
 from novacron.api.server import DEFAULT_TCP_PORT, Listen, TlsFiles, default_socket_path, serve_api
 from novacron.cli.output import console, emit_json, run_command
 from novacron.errors import UserError
-from novacron.hypervisor.qemu import QemuDriver
 from novacron.observability.log import configure, log_event
 from novacron.store import open_default_store
 
@@ -67,6 +65,9 @@ def serve(  # noqa: PLR0917 - typer maps each parameter to an option
     configure(json_output=json_logs)
 
     async def main() -> None:
+        from novacron.api.app import build_services, create_app
+        from novacron.hypervisor.qemu import QemuDriver
+
         spec = listen()
         store = open_default_store()
         try:
@@ -92,6 +93,8 @@ def routes(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Every API route with the minimal role it needs (the authorization matrix)."""
+    from novacron.api.app import access_table_markdown, route_matrix
+
     matrix = route_matrix()
     if markdown:
         sys.stdout.write(access_table_markdown(matrix))  # not rich: it would wrap long rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,8 +13,10 @@ from novacron.api.clientconfig import connect
 from novacron.cli.output import console, emit_json, run_command
 from novacron.cli.token import parse_duration
 from novacron.cluster.errors import ClusterSettingError
-from novacron.cluster.setup import NodeSetup, init_cluster, join_cluster
 from novacron.paths import state_dir
+
+if TYPE_CHECKING:
+    from novacron.cluster.setup import NodeSetup
 
 app = typer.Typer(no_args_is_help=True)
 
@@ -40,7 +42,8 @@ def _labels(items: list[str] | None) -> dict[str, str]:
 def _setup(  # noqa: PLR0917 - the command options, passed through
     node: str | None, state: Path | None, advertise: str, labels: list[str] | None, vcpus: int | None,
            memory_mib: int | None, ports: tuple[int, int, int]) -> NodeSetup:  # fmt: skip
-    from novacron.vm.service import local_node_name  # noqa: PLC0415
+    from novacron.cluster.setup import NodeSetup
+    from novacron.vm.service import local_node_name
 
     return NodeSetup(
         node=node or local_node_name(), state_dir=state or state_dir(), advertise=advertise,
@@ -75,6 +78,8 @@ def init(  # noqa: PLR0917 - typer maps each parameter to an option
         setup = _setup(node, state, advertise, label, vcpus, memory_mib, (dwcp_port, api_port, node_port))
         endpoints = [e.strip() for e in (etcd or "").split(",") if e.strip()]
         ttl = parse_duration(admin_ttl) if admin_ttl else None
+        from novacron.cluster.setup import init_cluster
+
         r = asyncio.run(init_cluster(setup, cluster=cluster, etcd=endpoints, admin_ttl_s=ttl))
         return {"cluster": r.cluster, "node": setup.node, "ca_sha256": r.ca_sha256, "config": str(r.config),
                 "api": r.api_url, "store": r.store, "admin_token": r.admin_token}  # fmt: skip
@@ -141,6 +146,8 @@ def join(  # noqa: PLR0917 - typer maps each parameter to an option
 
     def body() -> dict[str, Any]:
         setup = _setup(node, state, advertise, label, vcpus, memory_mib, (dwcp_port, api_port, node_port))
+        from novacron.cluster.setup import join_cluster
+
         answer = asyncio.run(join_cluster(setup, server=server, token=token))
         return {"cluster": answer.cluster, "node": answer.node, "config": str(setup.config_path),
                 "control": answer.control, "peers": answer.peers, "store": answer.store}  # fmt: skip

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 
 from novacron.cli.output import console, run_command
-from novacron.demo import DemoSettings, parse_link, print_summary, run_demo
-from novacron.demo.settings import DEFAULT_DWELL_S, DEFAULT_LINK, DEFAULT_RATE
+from novacron.demo.settings import DEFAULT_DWELL_S, DEFAULT_LINK, DEFAULT_RATE, DemoSettings, parse_link
 
 app = typer.Typer(invoke_without_command=True)
 
@@ -47,6 +46,9 @@ def demo(  # noqa: PLR0917 - typer maps each parameter to an option
     Ctrl-C stops it and removes the namespaces, agents and VMs. Exit code 0 when every guest came
     through intact, 1 otherwise, 2 for bad options or a missing prerequisite.
     """
+    from novacron.demo.run import run_demo
+    from novacron.demo.summary import print_summary
+
     settings = run_command(
         lambda: DemoSettings(
             profile=profile, rate=rate, link=parse_link(link), dwell_s=dwell,

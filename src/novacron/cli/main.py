@@ -33,7 +33,7 @@ def _root(
 def _register() -> None:
     # Groups are imported here, not at module top, so `novacron --help` stays fast and one broken
     # optional subsystem cannot take the whole CLI down with an import error.
-    from novacron.cli import groups  # noqa: PLC0415
+    from novacron.cli import groups
 
     for name, group, help_text in groups.all_groups():
         app.add_typer(group, name=name, help=help_text)

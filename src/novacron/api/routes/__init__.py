@@ -1,4 +1,4 @@
-"""One router per resource. ``ROUTERS`` is what :func:`novacron.api.create_app` mounts.
+"""One router per resource. ``ROUTERS`` is what :func:`novacron.api.app.create_app` mounts.
 
 Routers still to come slot in the same way (a module here and a line below, or ``extra_routers`` of
 ``create_app`` for a router owned by another package): nodes (``/v1/nodes``: registry, labels,
