@@ -224,13 +224,18 @@ def test_summary_v3_leaves_out_the_named_copys_fingerprints(tmp_path: Path) -> N
     sibling_fps = np.unique(HASHER.fingerprints(sibling))
     assert np.array_equal(v3.content_fps, sibling_fps)  # the copy's pages are left out, the rest kept
     assert len(v2.to_bytes()) - len(raw) == 8 * (full.content_fps.shape[0] - sibling_fps.shape[0])
-    resolved = v3.with_own_copy(own_tags, own_session.fingerprints())
+    resolved = v3.with_own_copy(own_tags, own_session.fingerprints)
     assert np.array_equal(resolved.content_fps, full.content_fps)
     assert resolved.copy.keys() == full.copy.keys()
     assert np.array_equal(resolved.copy["pc.ram"].tags, full.copy["pc.ram"].tags)
-    # A v2 summary (an older receiver) already lists everything: the sender adds nothing.
+
+    # A v2 summary (an older receiver) already lists everything: the sender adds nothing, and does
+    # not even look up its own copy's fingerprints.
+    def not_needed() -> np.ndarray:
+        raise AssertionError("a v2 summary lists the copy's fingerprints already")
+
     assert np.array_equal(
-        BaselineSummary.from_bytes(v2.to_bytes()).with_own_copy(own_tags, sibling_fps).content_fps,
+        BaselineSummary.from_bytes(v2.to_bytes()).with_own_copy(own_tags, not_needed).content_fps,
         full.content_fps,
     )
 

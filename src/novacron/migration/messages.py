@@ -15,6 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from novacron.dwcp.encoding.summary import SUMMARY_VERSION_DIGEST
 from novacron.migration.errors import ControlProtocolError
 
 MAX_MESSAGE_BYTES = 16 << 20  # the AMST channel's default message limit; READY's summary is the big one
@@ -79,7 +80,7 @@ class Prepare(Message):
     # it by this digest in READY's summary instead of listing its tags (docs/hde.md, "Baseline store").
     baseline_copy: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")] = ""
     # The newest baseline summary version the source reads (3: a named copy's fingerprints left out).
-    summary_version: Annotated[int, Field(ge=1, le=255)] = 2
+    summary_version: Annotated[int, Field(ge=1, le=255)] = SUMMARY_VERSION_DIGEST
 
 
 class Ready(Message):

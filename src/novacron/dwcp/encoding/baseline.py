@@ -263,13 +263,11 @@ class BaselineStore:
         return np.asarray(self._pages()[recs])
 
     def fingerprints(self, recs: I32Array) -> npt.NDArray[np.uint64]:
-        """The sorted, distinct fingerprints of these records (read from ``fps.dat``)."""
-        if recs.shape[0] == 0:
-            return np.zeros(0, dtype=np.uint64)
-        if int(recs.min()) < 0 or int(recs.max()) >= self.records:
+        """The sorted, distinct fingerprints of these records (from the in-memory index, no I/O)."""
+        if recs.shape[0] and (int(recs.min()) < 0 or int(recs.max()) >= self.records):
             raise BaselineStoreError("baseline record out of range", records=self.records)
-        fps_map = np.memmap(self.dir / "fps.dat", dtype="<u8", mode="r", shape=(self.records,))
-        return np.unique(np.asarray(fps_map[recs])).astype(np.uint64)
+        sorted_fps, sorted_rec = self._index  # one snapshot: a writer swaps the pair at once
+        return np.unique(sorted_fps[np.isin(sorted_rec, recs)])
 
     def _pages(self) -> U8Array:
         """A read-only map of pages.dat (re-made when records were added)."""

@@ -24,6 +24,7 @@ fingerprints itself (:meth:`BaselineSummary.with_own_copy`).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import blake3
@@ -151,11 +152,16 @@ class BaselineSummary:
             copy_fps_omitted=version == SUMMARY_VERSION_NAMED,
         )
 
-    def with_own_copy(self, tags: dict[str, CopyTags], fps: npt.NDArray[np.uint64]) -> BaselineSummary:
-        """The sender's full view of a summary that named its copy: ``tags`` and the sorted, distinct
-        fingerprints ``fps`` of the sender's own snapshot of that copy (the one with this digest)."""
-        content = np.union1d(self.content_fps, fps) if self.copy_fps_omitted else self.content_fps
-        return BaselineSummary(copy=tags, content_fps=content.astype(np.uint64))
+    def with_own_copy(
+        self, tags: dict[str, CopyTags], fingerprints: Callable[[], npt.NDArray[np.uint64]]
+    ) -> BaselineSummary:
+        """The sender's full view of a summary that named its copy: ``tags`` of the sender's own snapshot
+        of that copy (the one with this digest), and, for a v3 summary, that snapshot's sorted distinct
+        ``fingerprints()`` (only asked for then: a v2 summary lists them already)."""
+        if not self.copy_fps_omitted:
+            return BaselineSummary(copy=tags, content_fps=self.content_fps)
+        content = np.union1d(self.content_fps, fingerprints()).astype(np.uint64)
+        return BaselineSummary(copy=tags, content_fps=content)
 
 
 class BaselineView:

@@ -27,9 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import numpy.typing as npt
-
 from novacron.dwcp.encoding import (
     ArenaPool,
     BaselineSession,
@@ -113,7 +110,6 @@ class _OwnCopy:
     tags: dict[str, CopyTags]  # what a receiver holding the same copy would list
     session: BaselineSession  # the encoder's reader of that snapshot
     digest: bytes  # copy_digest(tags): b"" when this host holds no copy
-    fps: npt.NDArray[np.uint64]  # sorted distinct fingerprints of its pages (a summary v3 omits them)
 
 
 @dataclass
@@ -246,7 +242,7 @@ class SourceTunnel:
             return None
         if self._own_copy is None:
             tags, session = self._store.own_copy(self.vm)
-            self._own_copy = _OwnCopy(tags, session, copy_digest(tags), session.fingerprints())
+            self._own_copy = _OwnCopy(tags, session, copy_digest(tags))
         return self._own_copy
 
     def _start_hde(self, peer_summary: bytes) -> None:
@@ -264,7 +260,7 @@ class SourceTunnel:
                         vm=self.vm,
                         digest=summary.copy_digest.hex(),
                     )
-                summary = summary.with_own_copy(own.tags, own.fps)
+                summary = summary.with_own_copy(own.tags, own.session.fingerprints)
             view = BaselineView(summary)
             self._summary_bytes = len(peer_summary)
         peer_copy = own.session if own is not None else None
